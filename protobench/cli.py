@@ -1,0 +1,292 @@
+"""The `bench` command line: parsing, progress and tables; the work lives in the package.
+
+Heavy libraries (torch, torchvision, MLflow, Optuna) are imported inside the commands that use
+them, so `bench --help` and `bench list` answer quickly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from protobench.errors import ProtobenchError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from protobench.harness.runner import RunInfo, RunResult
+    from protobench.results.summary import MethodSummary
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _console(stderr: bool = False) -> Console:
+    from rich.console import Console
+
+    return Console(stderr=stderr)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn a user-facing error into one line on stderr and exit status 2."""
+    try:
+        yield
+    except ProtobenchError as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        click.echo(f"error: {message}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="protobench")
+def main(verbose: int) -> None:
+    """Benchmark fast, closed-form ways of training classifiers against backprop."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=level, format="%(name)s: %(message)s", datefmt="[%X]",
+        handlers=[RichHandler(console=_console(stderr=True), show_path=False)],
+    )
+
+
+# bench list ------------------------------------------------------------------------------
+
+
+@main.command("list")
+def list_cmd() -> None:
+    """List the registered methods with their hyperparameters, and the data sets."""
+    from rich.table import Table
+
+    from protobench.datasets import DATASET_NAMES
+    from protobench.harness.registry import get_method, method_names
+
+    console = _console()
+    with _user_errors():
+        for name in method_names():
+            cls = get_method(name)
+            table = Table(title=f"{name}: {cls.summary}", title_justify="left")
+            for col in ("hyperparameter", "type", "default", "valid", "tuned over", "meaning"):
+                table.add_column(col)
+            for p in cls.hyperparams:
+                search = "-" if p.search is None else _search_text(p.search, p.log)
+                table.add_row(p.name, p.kind, str(p.default), p.describe_range(), search, p.help)
+            console.print(table)
+        console.print("data sets: " + ", ".join(DATASET_NAMES))
+
+
+def _search_text(search: tuple[Any, ...], log: bool) -> str:
+    if len(search) == 2 and all(isinstance(v, (int, float)) for v in search) and not all(
+        isinstance(v, bool) for v in search
+    ):
+        return f"{search[0]}..{search[1]}" + (" (log)" if log else "")
+    return ", ".join(str(v) for v in search)
+
+
+# bench data ------------------------------------------------------------------------------
+
+
+@main.group("data")
+def data_group() -> None:
+    """Fetch and verify data sets ahead of time."""
+
+
+def _data_dir_option(func: F) -> F:
+    return click.option(
+        "--data-dir", type=click.Path(path_type=Path), default=None,
+        help="Data folder [default: $PROTOBENCH_DATA_DIR or the user cache].",
+    )(func)
+
+
+@data_group.command("fetch")
+@click.argument("names", nargs=-1, required=True)
+@_data_dir_option
+def data_fetch(names: Sequence[str], data_dir: Path | None) -> None:
+    """Fetch and verify data sets NAMES (mnist, fashion-mnist, digits)."""
+    from protobench.datasets import fetch
+
+    with _user_errors():
+        for name in names:
+            folder = fetch(name, data_dir)
+            click.echo(f"{name}: ready in {folder}")
+
+
+# bench run -------------------------------------------------------------------------------
+
+
+@main.command("run")
+@click.option("--methods", default="all", show_default=True,
+              help="'all' or a comma-separated list of method names.")
+@click.option("--dataset", default="mnist", show_default=True,
+              help="mnist, fashion-mnist or digits.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--seed", "base_seed", type=int, default=0, show_default=True,
+              help="Base seed; each run's seed derives from it, the data set, method and repeat.")
+@click.option("--seeds", "repeats", type=int, default=1, show_default=True,
+              help="Repeats of every method, each with its own derived seed.")
+@click.option("--set", "assignments", multiple=True, metavar="METHOD.KEY=VALUE",
+              help="Override a hyperparameter; repeatable.")
+@click.option("--epochs", type=int, default=None, help="Epochs for every iterative method.")
+@click.option("--time-budget", type=float, default=None,
+              help="Stop iterative methods at the first checkpoint past this many fit seconds.")
+@click.option("--target", type=float, default=None,
+              help="Validation accuracy whose time-to-target is reported, e.g. 0.975.")
+@click.option("--eval-every", type=int, default=1, show_default=True,
+              help="Evaluate validation accuracy every K epochs (outside the fit clock).")
+@click.option("--threads", type=int, default=None, help="Torch threads [default: all cores].")
+@_data_dir_option
+@click.option("--results", "results_dir", type=click.Path(path_type=Path),
+              default=Path("bench-results"), show_default=True,
+              help="Results folder (MLflow store and results table).")
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or the results folder].")
+def run_cmd(
+    methods: str, dataset: str, device: str, base_seed: int, repeats: int,
+    assignments: Sequence[str], epochs: int | None, time_budget: float | None,
+    target: float | None, eval_every: int, threads: int | None, data_dir: Path | None,
+    results_dir: Path, tracking_uri: str | None,
+) -> None:
+    """Run methods on a data set under the shared timing and accuracy protocols."""
+    from protobench.datasets import DATASET_NAMES
+    from protobench.errors import ConfigError
+    from protobench.harness.params import parse_assignments
+    from protobench.harness.registry import resolve_method_list
+    from protobench.harness.runner import RunConfig, plan_runs
+
+    with _user_errors():
+        if dataset not in DATASET_NAMES:
+            raise ConfigError(
+                f"unknown data set {dataset!r}; valid data sets: {', '.join(DATASET_NAMES)}"
+            )
+        names = resolve_method_list(methods)
+        config = RunConfig(
+            dataset=dataset, device=device, base_seed=base_seed, repeats=repeats,
+            epochs=epochs, time_budget=time_budget, target=target, eval_every=eval_every,
+            threads=threads,
+        )
+        plans = plan_runs(names, config, parse_assignments(assignments))
+        from protobench.results.recorder import Recorder, prepare_results_dir
+
+        prepare_results_dir(results_dir)
+        recorder = Recorder(results_dir, tracking_uri)
+        recorder.mark_orphans()
+        results = _run_with_progress(plans, data_dir, recorder)
+    console = _console()
+    _print_summary(console, results, dataset, target)
+    console.print(f"records: {recorder.tracking_uri}  table: {recorder.table_path}")
+    failed = [r for r in results if r.status != "FINISHED"]
+    if failed:
+        sys.exit(1)
+
+
+def _run_with_progress(
+    plans: Sequence[RunInfo], data_dir: Path | None, recorder: Any
+) -> list[RunResult]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from protobench.harness.runner import run_benchmark
+
+    progress = Progress(
+        TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=_console(stderr=True),
+        transient=False,
+    )
+    display = _ProgressDisplay(progress)
+    try:
+        with progress:
+            return run_benchmark(plans, data_dir, [recorder, display])
+    except KeyboardInterrupt:
+        click.echo("interrupted: finished runs are recorded; the current one is KILLED",
+                   err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+class _ProgressDisplay:
+    """A runner observer that draws one rich progress bar per run."""
+
+    def __init__(self, progress: Any) -> None:
+        self._progress = progress
+        self._tasks: dict[tuple[str, int], Any] = {}
+
+    def _label(self, info: RunInfo) -> str:
+        suffix = f" #{info.repeat}" if info.config.repeats > 1 else ""
+        return f"{info.method}{suffix}"
+
+    def run_started(self, info: RunInfo) -> str | None:
+        self._tasks[(info.method, info.repeat)] = self._progress.add_task(
+            self._label(info), total=None, unit=""
+        )
+        return None
+
+    def run_progress(self, info: RunInfo, done: int, total: int, unit: str) -> None:
+        task = self._tasks[(info.method, info.repeat)]
+        self._progress.update(task, completed=done, total=total, unit=f"{unit}s")
+
+    def run_finished(self, result: RunResult) -> None:
+        task = self._tasks[(result.info.method, result.info.repeat)]
+        current = self._progress.tasks[task]
+        total = current.total or 1
+        self._progress.update(task, completed=total, total=total,
+                              unit=result.status.lower())
+
+
+def _pct(summary: Any) -> str:
+    if summary is None:
+        return "-"
+    if summary.n == 1:
+        return f"{100 * summary.mean:.2f}%"
+    return f"{100 * summary.mean:.2f} ± {100 * summary.std:.2f}%"
+
+
+def _seconds(value: float) -> str:
+    return "not reached" if math.isinf(value) else f"{value:.1f}"
+
+
+def _print_summary(
+    console: Console, results: Sequence[RunResult], dataset: str, target: float | None
+) -> None:
+    from rich.table import Table
+
+    from protobench.results.summary import summarise_results
+
+    summaries: list[MethodSummary] = summarise_results(results)
+    table = Table(title=f"{dataset}: test accuracy (mean ± std over seeds), medians of times")
+    columns = ["method", "test acc", "val acc", "fit s"]
+    if target is not None:
+        columns.append(f"time to {100 * target:g}% s")
+    columns += ["trainable params", "stored params", "runs ok"]
+    for col in columns:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for s in summaries:
+        row = [s.method, _pct(s.test), _pct(s.val), _seconds(s.fit.median) if s.fit else "-"]
+        if target is not None:
+            ttt = s.time_to_target
+            row.append(_seconds(ttt.median) if ttt else "-")
+        row += [f"{s.trainable_params:,}", f"{s.stored_params:,}", f"{s.finished}/{s.runs}"]
+        table.add_row(*row, style=None if s.finished == s.runs else "red")
+    console.print(table)
+    for s in summaries:
+        for error in dict.fromkeys(s.errors):
+            console.print(f"[red]FAILED[/red] {error}", markup=True, highlight=False)
+
+
+if __name__ == "__main__":
+    main()

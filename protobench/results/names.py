@@ -1,0 +1,27 @@
+"""The one place names are made safe for MLflow keys and file names."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+# MLflow accepts letters, digits, '_', '-', '.', ' ', ':' and '/' in metric, param and tag keys.
+_DISALLOWED = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def mlflow_key(name: str) -> str:
+    """`name` with disallowed characters replaced; a short digest keeps distinct names distinct.
+
+    'a+b' and 'a*b' would both become 'a_b'; appending a digest of the original makes them
+    'a_b~1c2d3e' and 'a_b~9f8e7d' instead, while names that were already safe stay unchanged.
+    """
+    safe = _DISALLOWED.sub("_", name)
+    if safe == name:
+        return name
+    digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:6]
+    return f"{safe}-{digest}"
+
+
+def file_stem(name: str) -> str:
+    """A name usable as a file stem on every platform."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
