@@ -152,11 +152,13 @@ def data_fetch(names: Sequence[str], data_dir: Path | None) -> None:
               help="Results folder (MLflow store and results table).")
 @click.option("--tracking-uri", default=None,
               help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or the results folder].")
+@click.option("--resume", is_flag=True,
+              help="Skip (method, seed) runs that the results table already holds as FINISHED.")
 def run_cmd(
     methods: str, dataset: str, device: str, base_seed: int, repeats: int,
     assignments: Sequence[str], epochs: int | None, time_budget: float | None,
     target: float | None, eval_every: int, threads: int | None, data_dir: Path | None,
-    results_dir: Path, tracking_uri: str | None,
+    results_dir: Path, tracking_uri: str | None, resume: bool,
 ) -> None:
     """Run methods on a data set under the shared timing and accuracy protocols."""
     from protobench.datasets import DATASET_NAMES
@@ -182,6 +184,8 @@ def run_cmd(
         prepare_results_dir(results_dir)
         recorder = Recorder(results_dir, tracking_uri)
         recorder.mark_orphans()
+        if resume:
+            plans = _skip_finished(plans, recorder.table_path)
         results = _run_with_progress(plans, data_dir, recorder)
     console = _console()
     _print_summary(console, results, dataset, target)
@@ -189,6 +193,17 @@ def run_cmd(
     failed = [r for r in results if r.status != "FINISHED"]
     if failed:
         sys.exit(1)
+
+
+def _skip_finished(plans: Sequence[RunInfo], table_path: Path) -> list[RunInfo]:
+    from protobench.results.recorder import finished_run_keys, run_key
+
+    done = finished_run_keys(table_path)
+    todo = [p for p in plans if run_key(p) not in done]
+    skipped = len(plans) - len(todo)
+    if skipped:
+        click.echo(f"resume: {skipped} finished run(s) skipped, {len(todo)} to run", err=True)
+    return todo
 
 
 def _run_with_progress(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -127,3 +129,23 @@ def scripted() -> Iterator[type[ScriptedMethod]]:
     finally:
         registry.unregister(ScriptedMethod.name)
         ScriptedMethod.clock = None
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow SQLite store, migrated once per session (migration takes ~10 s)."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    client.search_experiments()
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def results_dir(tmp_path: Path, mlflow_template: Path) -> Path:
+    """A fresh results folder whose MLflow store starts as a copy of the migrated template."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    shutil.copy(mlflow_template, folder / "mlflow.db")
+    return folder

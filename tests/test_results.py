@@ -33,7 +33,7 @@ def _append_many(path: str, worker: int) -> None:
 
 def test_concurrent_appends_lose_and_interleave_nothing(tmp_path: Path) -> None:
     table = tmp_path / "results.csv"
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")
     procs = [ctx.Process(target=_append_many, args=(str(table), w)) for w in range(3)]
     for p in procs:
         p.start()
@@ -64,11 +64,11 @@ def test_unwritable_results_folder_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_recorder_writes_runs_to_a_real_mlflow_store_and_the_table(
-    scripted: type[ScriptedMethod], tiny_splits: DatasetSplits, tmp_path: Path
+    scripted: type[ScriptedMethod], tiny_splits: DatasetSplits, results_dir: Path
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    recorder = Recorder(tmp_path / "res")
+    recorder = Recorder(results_dir)
     cfg = RunConfig("tiny", repeats=2, target=0.5)
     ok = plan_runs(["scripted"], cfg, {})
     bad = plan_runs(["scripted"], RunConfig("tiny"), {"scripted": {"fail": "raise"}})
@@ -95,8 +95,8 @@ def test_recorder_writes_runs_to_a_real_mlflow_store_and_the_table(
     assert math.isclose(float(rows[0]["test_accuracy"]), results[0].test_accuracy)
 
 
-def test_recorder_marks_runs_of_dead_processes_failed(tmp_path: Path) -> None:
-    recorder = Recorder(tmp_path / "res")
+def test_recorder_marks_runs_of_dead_processes_failed(results_dir: Path) -> None:
+    recorder = Recorder(results_dir)
     exp = recorder.experiment_id("tiny")
     import socket
 
@@ -106,9 +106,9 @@ def test_recorder_marks_runs_of_dead_processes_failed(tmp_path: Path) -> None:
 
 
 def test_non_finite_metrics_are_flagged_not_logged(
-    scripted: type[ScriptedMethod], tiny_splits: DatasetSplits, tmp_path: Path
+    scripted: type[ScriptedMethod], tiny_splits: DatasetSplits, results_dir: Path
 ) -> None:
-    recorder = Recorder(tmp_path / "res")
+    recorder = Recorder(results_dir)
     plans = plan_runs(["scripted"], RunConfig("tiny", score_test=False), {})
     [result] = run_benchmark(plans, observers=[recorder], splits=tiny_splits)
     run = recorder.client.get_run(result.run_id)

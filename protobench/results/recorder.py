@@ -281,3 +281,19 @@ def result_row(result: RunResult) -> dict[str, Any]:
     row["params"] = json.dumps(info.params, sort_keys=True)
     row["git_commit"] = result.environment.get("git_commit", "")
     return row
+
+
+def finished_run_keys(table_path: Path) -> set[tuple[str, str, str, str]]:
+    """(method, dataset, seed, params) of every FINISHED run in the results table."""
+    from protobench.results.table import read_rows
+
+    return {
+        (row["method"], row["dataset"], row["seed"], row.get("params", ""))
+        for row in read_rows(table_path)
+        if row.get("status") == "FINISHED"
+    }
+
+
+def run_key(info: RunInfo) -> tuple[str, str, str, str]:
+    """The key under which `finished_run_keys` finds a planned run."""
+    return (info.method, info.dataset, str(info.seed), json.dumps(info.params, sort_keys=True))
