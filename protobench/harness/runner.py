@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
 
 
-class MethodFault(ProtobenchError):
+class MethodFaultError(ProtobenchError):
     """A plugin broke the contract (wrong output shape, non-finite scores)."""
 
 
@@ -191,11 +191,11 @@ def _check_scores(method: Method, scores: Any, n: int, k: int) -> None:
 
     if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (n, k):
         shape = tuple(scores.shape) if hasattr(scores, "shape") else type(scores).__name__
-        raise MethodFault(
+        raise MethodFaultError(
             f"plugin {method.name!r} returned predictions of shape {shape}, expected {(n, k)}"
         )
     if not bool(torch.isfinite(scores).all()):
-        raise MethodFault(f"plugin {method.name!r} returned non-finite scores (NaN or inf)")
+        raise MethodFaultError(f"plugin {method.name!r} returned non-finite scores (NaN or inf)")
 
 
 class _Observers:
@@ -215,6 +215,11 @@ class _Observers:
     def finished(self, result: RunResult) -> None:
         for obs in self._observers:
             obs.run_finished(result)
+
+    def checkpoint(self, info: RunInfo, point: CurvePoint) -> bool:
+        # Optional hook `run_checkpoint(info, point) -> bool`: True stops the fit (pruning).
+        hooks = [getattr(obs, "run_checkpoint", None) for obs in self._observers]
+        return any([hook(info, point) for hook in hooks if hook is not None])
 
 
 def run_one(
@@ -289,6 +294,8 @@ def _fit_and_score(
                 acc = evaluate(method, splits.val, device, cfg.eval_batch, k)
             result.curve.append(CurvePoint(epoch, fit_watch.elapsed(), acc))
             last_eval_epoch[:] = [epoch]
+            if obs.checkpoint(info, result.curve[-1]):
+                return True
         over_budget = cfg.time_budget is not None and fit_watch.elapsed() >= cfg.time_budget
         if over_budget and method.iterative:
             result.cut = True

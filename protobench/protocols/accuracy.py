@@ -1,4 +1,4 @@
-"""The accuracy protocol: derived seeds, the same budget rules, and honest statistics over seeds."""
+"""The accuracy protocol: derived seeds, one budget rule for all, statistics over seeds."""
 
 from __future__ import annotations
 

@@ -43,8 +43,10 @@ def harness_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def _blas(torch_module: object) -> str:
-    config = str(getattr(torch_module, "__config__").show())
+def _blas() -> str:
+    import torch
+
+    config = str(torch.__config__.show())
     match = re.search(r"BLAS_INFO=(\w+)", config)
     lapack = re.search(r"LAPACK_INFO=(\w+)", config)
     parts = [f"blas={match.group(1)}" if match else "blas=unknown"]
@@ -66,7 +68,7 @@ def _static_record() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": str(torch.version.cuda or "none"),
-        "blas": _blas(torch),
+        "blas": _blas(),
         "protobench": __version__,
         "git_commit": harness_commit(),
     }
