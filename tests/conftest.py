@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -70,6 +71,7 @@ class ScriptedMethod(Method):
         HyperParam("gain", "float", 0.2, "skill gained per epoch", low=0, high=1),
         HyperParam("fail", "choice", "none", "fault to inject",
                    choices=("none", "raise", "shape", "nan")),
+        HyperParam("sleep", "float", 0.0, "real seconds to sleep per epoch", low=0, high=600),
     )
     clock: FakeClock | None = None
     epoch_cost = 1.0
@@ -81,12 +83,14 @@ class ScriptedMethod(Method):
         super().__init__(params)
         self.skill = 0.0
         self.epochs_run = 0
+        self.k = 3
 
     def _spend(self, seconds: float) -> None:
         if self.clock is not None:
             self.clock.advance(seconds)
 
     def prepare(self, data: FitData, ctx: FitContext) -> None:
+        self.k = data.n_classes
         self._spend(self.prepare_cost)
 
     def warmup(self, data: FitData, ctx: FitContext) -> None:
@@ -97,6 +101,8 @@ class ScriptedMethod(Method):
             raise RuntimeError("scripted failure inside fit")
         for epoch in range(1, self.params["epochs"] + 1):
             self._spend(self.epoch_cost)
+            if self.params["sleep"]:
+                time.sleep(self.params["sleep"])
             self.skill = min(1.0, self.skill + self.params["gain"])
             self.epochs_run = epoch
             ctx.progress(epoch, self.params["epochs"])
@@ -108,11 +114,11 @@ class ScriptedMethod(Method):
         if self.params["fail"] == "shape":
             return torch.zeros(X.shape[0], 2)
         if self.params["fail"] == "nan":
-            return torch.full((X.shape[0], 3), float("nan"))
-        labels = X[:, 0].long()
-        wrong = (labels + 1) % 3
+            return torch.full((X.shape[0], self.k), float("nan"))
+        labels = X[:, 0].long().clamp(0, self.k - 1)
+        wrong = (labels + 1) % self.k
         pred = torch.where(X[:, 1] < self.skill, labels, wrong)
-        return torch.nn.functional.one_hot(pred, 3).float()
+        return torch.nn.functional.one_hot(pred, self.k).float()
 
     def trainable_parameters(self) -> int:
         return 7

@@ -13,7 +13,7 @@ def mlflow_key(name: str) -> str:
     """`name` with disallowed characters replaced; a short digest keeps distinct names distinct.
 
     'a+b' and 'a*b' would both become 'a_b'; appending a digest of the original makes them
-    'a_b~1c2d3e' and 'a_b~9f8e7d' instead, while names that were already safe stay unchanged.
+    'a_b-1c2d3e' and 'a_b-9f8e7d' instead, while names that were already safe stay unchanged.
     """
     safe = _DISALLOWED.sub("_", name)
     if safe == name:

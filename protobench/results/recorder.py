@@ -33,6 +33,8 @@ DEFAULT_RESULTS_DIR = Path("bench-results")
 STORE_NAME = "mlflow.db"
 ARTIFACTS_NAME = "artifacts"
 _MAX_PARAM_CHARS = 6000
+# Ends a parameter value cut to fit MLflow; the whole value is in the run's params.json.
+TRUNCATION_MARK = " ...(whole value in params.json)"
 _BATCH = 100
 
 
@@ -146,7 +148,7 @@ class Recorder:
             text = str(value)
             if len(text) > _MAX_PARAM_CHARS:
                 long_params[key] = text
-                text = text[: _MAX_PARAM_CHARS - 40] + " ...(whole value in params.json)"
+                text = text[: _MAX_PARAM_CHARS - len(TRUNCATION_MARK)] + TRUNCATION_MARK
             params.append(Param(mlflow_key(key), text))
         metrics: list[Metric] = []
         non_finite: list[str] = []
