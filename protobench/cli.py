@@ -303,5 +303,199 @@ def _print_summary(
             console.print(f"[red]FAILED[/red] {error}", markup=True, highlight=False)
 
 
+# bench tune ------------------------------------------------------------------------------
+
+from protobench.harness import tuning as _tuning  # noqa: E402 - light: no optuna, no torch
+
+
+@main.command("tune")
+@click.option("--method", required=True, help="The method to tune (see `bench list`).")
+@click.option("--dataset", default="mnist", show_default=True,
+              help="mnist, fashion-mnist or digits (train and validation splits only).")
+@click.option("--trials", type=int, default=None,
+              help="COMPLETE trials the study should hold, earlier runs included "
+                   "[default: 20, or the grid size].")
+@click.option("--timeout", type=float, default=None,
+              help="Start no new trial after this many seconds.")
+@click.option("--objective", type=click.Choice(_tuning.OBJECTIVES), default="accuracy",
+              show_default=True,
+              help="accuracy: maximise validation accuracy, pruning bad trials at checkpoints. "
+                   "pareto: maximise validation accuracy, minimise fit seconds and trainable "
+                   "parameters (no pruning).")
+@click.option("--study", "study_name", default=None,
+              help="Study name [default: METHOD-DATASET-OBJECTIVE]; an existing study resumes.")
+@click.option("--storage", default=None, metavar="URL|FILE",
+              help="Optuna storage: an RDB URL (sqlite:///FILE, postgresql://...), a FILE "
+                   "ending .db/.sqlite (SQLite), or journal:FILE / a FILE ending .log or "
+                   ".journal (Optuna journal file) [default: RESULTS/optuna.db].")
+@click.option("--n-jobs", type=int, default=1, show_default=True,
+              help="Trials run at once by this process (threads).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the sampler and of every trial's run.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Fix a hyperparameter so that it is never tuned; repeatable.")
+@click.option("--grid", "grid_items", multiple=True, metavar="KEY=V1,V2,...",
+              help="One axis of the grid for --sampler grid; repeatable. Each grid point is "
+                   "run once, also across resumes; other parameters keep their defaults.")
+@click.option("--sampler", type=click.Choice(_tuning.SAMPLERS), default=None,
+              help="[default: grid when --grid is given, else tpe]")
+@click.option("--pruner", type=click.Choice(_tuning.PRUNERS), default=None,
+              help="[default: median; always off for --objective pareto]")
+@click.option("--no-prune", is_flag=True, help="Do not prune (same as --pruner none).")
+@click.option("--max-failures", type=int, default=10, show_default=True,
+              help="Stop after this many FAILED trials in a row.")
+@click.option("--heartbeat", type=int, default=_tuning.DEFAULT_HEARTBEAT_S, show_default=True,
+              envvar=_tuning.HEARTBEAT_ENV, show_envvar=True,
+              help="Seconds between a running trial's heartbeats (RDB storage); a RUNNING "
+                   "trial silent for twice as long is marked FAILED.")
+@_data_dir_option
+@click.option("--results", "results_dir", type=click.Path(path_type=Path),
+              default=Path("bench-results"), show_default=True,
+              help="Results folder (Optuna study, MLflow store, tune-trials.csv, best params).")
+@click.option("--tracking-uri", default=None,
+              help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or the results folder].")
+@click.option("--epochs", type=int, default=None,
+              help="Epochs of an iterative method (fixed, not tuned).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+def tune_cmd(
+    method: str, dataset: str, trials: int | None, timeout: float | None, objective: str,
+    study_name: str | None, storage: str | None, n_jobs: int, seed: int,
+    assignments: Sequence[str], grid_items: Sequence[str], sampler: str | None,
+    pruner: str | None, no_prune: bool, max_failures: int, heartbeat: int,
+    data_dir: Path | None, results_dir: Path, tracking_uri: str | None, epochs: int | None,
+    device: str,
+) -> None:
+    """Tune a method's hyperparameters with Optuna on the validation split.
+
+    The search space is each hyperparameter's declared search range (see `bench list`). The test
+    split is never read. Trials of a study are logged to MLflow as child runs of one study run;
+    the best parameters (the Pareto front for pareto) go to RESULTS/best-params-STUDY.json.
+    Exit status 1 when the study holds no completed trial.
+    """
+    console = _console()
+    err = _console(stderr=True)
+    _quiet_optuna()
+    with _user_errors():
+        config = _tuning.TuneConfig(
+            method=method, dataset=dataset, trials=trials, timeout=timeout,
+            objective=objective, study=study_name, storage=storage, n_jobs=n_jobs, seed=seed,
+            fixed=_tuning.parse_fixed(method, assignments),
+            grid=_tuning.parse_grid(method, grid_items), sampler=sampler,
+            pruner="none" if no_prune else pruner, max_failures=max_failures,
+            results_dir=results_dir, data_dir=data_dir, tracking_uri=tracking_uri,
+            epochs=epochs, device=device, heartbeat=heartbeat,
+        )
+        for note in config.notes():
+            err.print(f"note: {note}", highlight=False)
+        try:
+            outcome = _tuning.tune(config, on_trial=lambda s, c: _trial_line(err, s, c))
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished trials are stored; the study resumes by name",
+                       err=True)
+            sys.exit(EXIT_INTERRUPTED)
+    _print_tune_outcome(console, outcome)
+    if not outcome.ok:
+        sys.exit(1)
+
+
+def _quiet_optuna() -> None:
+    import optuna
+
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
+
+
+def _trial_line(console: Console, summary: Any, counts: dict[str, int]) -> None:
+    colour = {"COMPLETE": "green", "PRUNED": "yellow"}.get(summary.state, "red")
+    acc = summary.metrics.get("val_accuracy")
+    shown = f"val acc {100 * acc:.2f}%" if acc is not None else ""
+    if summary.reason:
+        shown = summary.reason
+    tuned = ", ".join(f"{k}={_fmt_value(v)}" for k, v in summary.tuned.items())
+    total = ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
+    console.print(
+        f"trial {summary.number:>3} [{colour}]{summary.state:<8}[/{colour}] {shown}  {tuned}"
+        f"  ({total})", highlight=False,
+    )
+
+
+def _fmt_value(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _print_tune_outcome(console: Console, outcome: Any) -> None:
+    from rich.table import Table
+
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(outcome.counts.items()))
+    console.print(f"study {outcome.study_name} ({outcome.storage}): {counts or 'no trials'}; "
+                  f"{outcome.stop_reason}", highlight=False)
+    if not outcome.ok:
+        console.print(f"[red]no completed trial[/red] in study {outcome.study_name}: "
+                      f"nothing to report", highlight=False)
+        for reason in dict.fromkeys(f.reason for f in outcome.failures if f.reason):
+            console.print(f"[red]FAILED[/red] {reason}", highlight=False)
+        return
+    pareto = outcome.objective == "pareto"
+    title = (f"{outcome.method} on {outcome.dataset}: Pareto front ({len(outcome.best)} trials)"
+             if pareto else f"{outcome.method} on {outcome.dataset}: best trial")
+    table = Table(title=title)
+    for col in ("trial", "val acc", "fit s", "trainable params"):
+        table.add_column(col, justify="right")
+    names = sorted({k for s in outcome.best for k in s.tuned})
+    for name in names:
+        table.add_column(name, justify="right")
+    for s in outcome.best:
+        acc, fit = s.metrics.get("val_accuracy"), s.metrics.get("fit_seconds")
+        trainable = s.metrics.get("trainable_params")
+        table.add_row(
+            str(s.number), "-" if acc is None else f"{100 * acc:.2f}%",
+            "-" if fit is None else f"{fit:.2f}",
+            "-" if trainable is None else f"{int(trainable):,}",
+            *(_fmt_value(s.tuned.get(n, "-")) for n in names),
+        )
+    console.print(table)
+    console.print(f"best parameters: {outcome.best_params_path}  records: "
+                  f"{outcome.tracking_uri} (study run {outcome.parent_run_id})",
+                  highlight=False)
+
+
+# bench report ----------------------------------------------------------------------------
+
+
+@main.command("report")
+@click.option("--dataset", "datasets", multiple=True, metavar="NAME",
+              help="Data set to report; repeatable or comma-separated "
+                   "[default: every data set with runs].")
+@click.option("--results", "report_results_dir", type=click.Path(path_type=Path),
+              default=Path("bench-results"), show_default=True,
+              help="Results folder whose MLflow store is read.")
+@click.option("--tracking-uri", "report_tracking_uri", default=None,
+              help="MLflow tracking URI to read [default: $MLFLOW_TRACKING_URI or the "
+                   "results folder's store].")
+@click.option("--out", "report_out", type=click.Path(path_type=Path), default=None,
+              help="Folder for the report [default: RESULTS/report].")
+@click.option("--format", "report_formats", default="png,svg,html,md,csv",
+              show_default=True, help="Comma-separated outputs: png, svg, html, md, csv.")
+def report_cmd(
+    datasets: Sequence[str], report_results_dir: Path, report_tracking_uri: str | None,
+    report_out: Path | None, report_formats: str,
+) -> None:
+    """Plots (accuracy vs fit time and size, time to accuracy), tables and one HTML page."""
+    from protobench.results.recorder import tracking_uri_for
+    from protobench.results.report import HTML_NAME, build_report, parse_formats
+
+    with _user_errors():
+        names = [n.strip() for item in datasets for n in item.split(",") if n.strip()]
+        formats = parse_formats(report_formats)
+        uri = tracking_uri_for(report_results_dir.expanduser().resolve(), report_tracking_uri)
+        out = report_out if report_out is not None else report_results_dir / "report"
+        paths = build_report(uri, out, names or None, formats)
+    for path in paths:
+        click.echo(str(path))
+    page = [p for p in paths if p.name == HTML_NAME]
+    if page:
+        click.echo(f"report: {page[0].resolve().as_uri()}", err=True)
+
+
 if __name__ == "__main__":
     main()
