@@ -154,11 +154,17 @@ def data_fetch(names: Sequence[str], data_dir: Path | None) -> None:
               help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or the results folder].")
 @click.option("--resume", is_flag=True,
               help="Skip (method, seed) runs that the results table already holds as FINISHED.")
+@click.option("--params-from", default=None, metavar="FILE|STUDY",
+              help="Hyperparameters from a best-params file or a study of `bench tune` "
+                   "(STUDY#N for trial N); --set still overrides them.")
+@click.option("--report", "with_report", is_flag=True,
+              help="Build the report (plots, tables, HTML) for this data set at the end.")
 def run_cmd(
     methods: str, dataset: str, device: str, base_seed: int, repeats: int,
     assignments: Sequence[str], epochs: int | None, time_budget: float | None,
     target: float | None, eval_every: int, threads: int | None, data_dir: Path | None,
-    results_dir: Path, tracking_uri: str | None, resume: bool,
+    results_dir: Path, tracking_uri: str | None, resume: bool, params_from: str | None,
+    with_report: bool,
 ) -> None:
     """Run methods on a data set under the shared timing and accuracy protocols."""
     from protobench.datasets import DATASET_NAMES
@@ -178,7 +184,10 @@ def run_cmd(
             epochs=epochs, time_budget=time_budget, target=target, eval_every=eval_every,
             threads=threads,
         )
-        plans = plan_runs(names, config, parse_assignments(assignments))
+        overrides = parse_assignments(assignments)
+        if params_from is not None:
+            overrides = _tuned_overrides(params_from, names, results_dir, overrides)
+        plans = plan_runs(names, config, overrides)
         from protobench.results.recorder import Recorder, prepare_results_dir
 
         prepare_results_dir(results_dir)
@@ -190,9 +199,35 @@ def run_cmd(
     console = _console()
     _print_summary(console, results, dataset, target)
     console.print(f"records: {recorder.tracking_uri}  table: {recorder.table_path}")
+    if with_report and results:
+        from protobench.results.report import HTML_NAME, build_report
+
+        with _user_errors():
+            paths = build_report(recorder.tracking_uri, results_dir / "report", [dataset])
+        page = [p for p in paths if p.name == HTML_NAME]
+        console.print(f"report: {page[0] if page else results_dir / 'report'}")
     failed = [r for r in results if r.status != "FINISHED"]
     if failed:
         sys.exit(1)
+
+
+def _tuned_overrides(
+    source: str, names: Sequence[str], results_dir: Path,
+    overrides: dict[str, dict[str, str]],
+) -> dict[str, dict[str, Any]]:
+    """Tuned parameters for the study's method, with --set applied on top."""
+    from protobench.errors import ConfigError
+    from protobench.harness.tuning import load_best_params
+
+    method, params = load_best_params(source, results_dir.expanduser().resolve())
+    if method not in names:
+        raise ConfigError(
+            f"--params-from {source!r} holds parameters of {method!r}, which is not among "
+            f"--methods ({', '.join(names)})"
+        )
+    merged: dict[str, dict[str, Any]] = {k: dict(v) for k, v in overrides.items()}
+    merged[method] = {**params, **overrides.get(method, {})}
+    return merged
 
 
 def _skip_finished(plans: Sequence[RunInfo], table_path: Path) -> list[RunInfo]:

@@ -123,3 +123,27 @@ def test_two_invocations_give_bit_identical_accuracies(
     assert [r["test_accuracy"] for r in first] == [r["test_accuracy"] for r in second]
     assert [r["val_accuracy"] for r in first] == [r["val_accuracy"] for r in second]
     assert [r["seed"] for r in first] == [r["seed"] for r in second]
+
+
+def test_params_from_a_tuned_file_and_report_at_the_end(
+    results_dir: Path, tmp_path: Path
+) -> None:
+    import json
+
+    best = tmp_path / "best.json"
+    best.write_text(json.dumps({"method": "elm", "params": {"hidden": 48, "lam": 0.5}}))
+    code, out = _invoke("run", "--methods", "elm", "--dataset", "digits", "--params-from",
+                        str(best), "--set", "elm.lam=0.25", "--report",
+                        "--results", str(results_dir))
+    assert code == 0, out
+    with open(results_dir / "results.csv", newline="") as handle:
+        [row] = list(csv.DictReader(handle))
+    params = json.loads(row["params"])
+    assert params["hidden"] == 48 and params["lam"] == 0.25  # --set wins over the file
+    assert (results_dir / "report" / "report.html").exists()
+    assert "report:" in out
+
+    code, out = _invoke("run", "--methods", "mlp", "--dataset", "digits", "--params-from",
+                        str(best), "--results", str(results_dir))
+    assert code == 2
+    assert "holds parameters of 'elm', which is not among --methods (mlp)" in out

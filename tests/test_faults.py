@@ -122,3 +122,55 @@ def test_two_processes_share_one_results_folder(results_dir: Path) -> None:
     runs = _mlflow_runs(results_dir)
     assert len(runs) == 12 and {r.info.status for r in runs} == {"FINISHED"}
     assert len({r["run_id"] for r in rows}) == 12
+
+
+def test_closed_form_solves_run_at_highest_matmul_precision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from protobench.datasets import load_splits
+    from protobench.harness.runner import RunConfig, plan_runs, resolve_device, run_one
+    from protobench.methods import ridge
+
+    seen: list[str] = []
+    real = ridge._cholesky
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(torch.get_float32_matmul_precision())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ridge, "_cholesky", spy)
+    torch.set_float32_matmul_precision("medium")  # a caller's setting must not leak in
+    try:
+        splits = load_splits("digits")
+        plans = plan_runs(["elm", "proto-pinv-h"], RunConfig("digits", epochs=1),
+                          {"elm": {"hidden": 32}})
+        results = [run_one(p, splits, resolve_device("cpu")) for p in plans]
+        assert torch.get_float32_matmul_precision() == "medium"  # restored afterwards
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert [r.status for r in results] == ["FINISHED", "FINISHED"]
+    assert seen and set(seen) == {"highest"}
+    assert {r.environment["matmul_precision"] for r in results} == {"highest"}
+
+
+def test_paths_with_spaces_and_unicode_work(tmp_path: Path, mlflow_template: Path) -> None:
+    import shutil
+
+    results = tmp_path / "résultats du banc ü"
+    data = tmp_path / "données à lire"
+    results.mkdir()
+    shutil.copy(mlflow_template, results / "mlflow.db")
+    debian = Path("/usr/share/datasets/fashion-mnist")
+    if not debian.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (set-up installs it)")
+    done = subprocess.run(
+        [*SCRIPTED_BENCH, "run", "--methods", "elm", "--dataset", "fashion-mnist",
+         "--set", "elm.hidden=32", "--data-dir", str(data), "--results", str(results)],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (data / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+    assert [r["status"] for r in _rows(results)] == ["FINISHED"]

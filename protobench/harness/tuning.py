@@ -972,8 +972,7 @@ def tune(
         else DEFAULT_TRIALS
     )
 
-    recorder = Recorder(results_dir, config.tracking_uri)
-    recorder.table_path = results_dir / TRIALS_TABLE_NAME
+    recorder = Recorder(results_dir, config.tracking_uri, table_name=TRIALS_TABLE_NAME)
     recorder.mark_orphans()
     parent = _parent_run(recorder, config, url, dims)
 

@@ -73,13 +73,15 @@ def _quiet_mlflow() -> None:
 class Recorder:
     """An observer of the runner that writes each run to MLflow and to the results table."""
 
-    def __init__(self, results_dir: Path, tracking_uri: str | None = None) -> None:
+    def __init__(
+        self, results_dir: Path, tracking_uri: str | None = None, table_name: str = TABLE_NAME
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         _quiet_mlflow()
         self.results_dir = prepare_results_dir(results_dir)
         self.tracking_uri = tracking_uri_for(self.results_dir, tracking_uri)
-        self.table_path = self.results_dir / TABLE_NAME
+        self.table_path = self.results_dir / table_name
         try:
             self.client: MlflowClient = MlflowClient(tracking_uri=self.tracking_uri)
         except Exception as exc:
