@@ -1,0 +1,756 @@
+"""Prototype training with a dual pseudo-inverse and optimised hidden activations.
+
+arXiv 2508.09787. A classifier is described by a few trainable prototypes: inputs Xp (Np, d'+1),
+hidden activations Hp_l (Np, h) for each of L hidden layers, and outputs Yp (Np, k). Every layer's
+weights are the closed-form ridge map between consecutive prototype matrices,
+    W1 = ridge(Xp -> Hp_1, lam1)                          (d'+1, h)
+    W_l = ridge([1, act(Hp_{l-1})] -> Hp_l, lam1)         (h+1, h), l = 2..L
+    W_{L+1} = ridge([1, act(Hp_L)] -> Yp, lam2)           (h+1, k)
+and the network [1, act(... [1, act(X~ W1)] ...)] W_{L+1} is applied to real training rows.
+Adam trains the prototypes on cross-entropy + lam3 sum_l |W_l|^2, with gradients flowing through
+the closed-form solves. With Np smaller than a layer's input width the dual (Np x Np) form is
+used, and the first layer is applied to a batch as (x Xp^T) M rather than through W1.
+
+Speed: the hot path runs in float32 through three hand-written autograd Functions (the solve's
+adjoint reuses the explicit inverse from `ridge.spd_inverse`; products are oriented the way CPU
+BLAS runs them fastest), and the projected training set is formed once in `prepare`.
+
+Inputs are first projected (PCA by default, unwhitened, fitted on train in `prepare`) and a bias
+column of ones is appended: X~ = [(X - mean) P, 1] (N, d'+1). Xp's last column plays the same
+role; it starts at 1 and is trained like every other entry (it is counted as trainable).
+
+`proto-pinv` is the paper's ablation: the hidden prototypes stay at their random start.
+
+Limits: the whole projected training set is kept on the device (N x (d'+1) float32).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from protobench.errors import SolveError
+from protobench.harness.api import FitContext, FitData, Method
+from protobench.harness.params import HyperParam
+from protobench.methods.projection import PROJECTIONS, Projection, fit_projection
+
+if TYPE_CHECKING:
+    import torch
+
+    from protobench.methods.ridge import SolveStats
+
+logger = logging.getLogger(__name__)
+
+ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "gelu", "sigmoid")
+SCHEDULES: tuple[str, ...] = ("onecycle", "cosine")
+INITS: tuple[str, ...] = ("samples", "normal")
+
+
+def _hyperparams(train_hidden: bool) -> tuple[HyperParam, ...]:
+    common = (
+        HyperParam("n_prototypes", "int", 150, "number of prototypes Np", low=1,
+                   search=(50, 400), log=True),
+        HyperParam("hidden", "int", 512, "hidden width h", low=1, search=(128, 1024), log=True),
+        HyperParam("depth", "int", 1, "number of hidden layers L", low=1),
+        HyperParam("epochs", "int", 15, "passes over the training rows", low=1),
+        HyperParam("batch_size", "int", 1000, "rows per Adam step (0 = full batch)", low=0,
+                   search=(250, 4000), log=True),
+        HyperParam("lr", "float", 2e-2, "peak Adam learning rate", low=0, low_open=True,
+                   search=(1e-3, 1e-1), log=True),
+        HyperParam("lam1", "float", 1e-2, "ridge strength of the hidden layers", low=0,
+                   low_open=True, search=(1e-4, 1.0), log=True),
+        HyperParam("lam2", "float", 1e-2, "ridge strength of the output layer", low=0,
+                   low_open=True, search=(1e-4, 1.0), log=True),
+        HyperParam("lam3", "float", 1e-4, "weight penalty lam3 (|W1|^2 + ... ) in the loss",
+                   low=0, search=(1e-6, 1e-2), log=True),
+        HyperParam("learn_lam", "bool", False,
+                   "train lam1, lam2 as softplus(rho) with Adam (starting at their values)",
+                   search=(False, True)),
+        HyperParam("projection", "choice", "pca", "input projection fitted on train",
+                   choices=PROJECTIONS),
+        HyperParam("proj_dim", "int", 400, "projected input width d' (pca, pls)", low=1,
+                   search=(100, 600), log=True),
+        HyperParam("temperature", "float", 0.0,
+                   "T > 0: targets softmax(Yp / T); T = 0: raw Yp", low=0),
+        HyperParam("init", "choice", "samples",
+                   "Xp start: stratified training rows or a normal draw", choices=INITS),
+        HyperParam("activation", "choice", "relu", "hidden nonlinearity", choices=ACTIVATIONS,
+                   search=ACTIVATIONS),
+        HyperParam("schedule", "choice", "onecycle",
+                   "learning-rate schedule (onecycle: 30% warm-up; cosine: see warmup_frac)",
+                   choices=SCHEDULES),
+        HyperParam("warmup_frac", "float", 0.05,
+                   "fraction of the steps spent in linear warm-up (cosine schedule)",
+                   low=0, high=0.9),
+        HyperParam("wd_xp", "float", 0.0, "decoupled weight decay on Xp", low=0),
+    )
+    hidden = (
+        (HyperParam("wd_hp", "float", 0.0, "decoupled weight decay on the Hp", low=0),)
+        if train_hidden else ()
+    )
+    return (*common, *hidden,
+            HyperParam("wd_yp", "float", 0.0, "decoupled weight decay on Yp", low=0))
+
+
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The (out-of-place, differentiable) nonlinearity `name`."""
+    import torch
+
+    table: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "relu": torch.relu,
+        "tanh": torch.tanh,
+        "gelu": torch.nn.functional.gelu,
+        "sigmoid": torch.sigmoid,
+    }
+    if name not in table:
+        from protobench.errors import ConfigError
+
+        raise ConfigError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+    return table[name]
+
+
+@dataclass
+class ClosedFormLayer:
+    """One layer W = ridge(A -> B, lam), with prototype inputs A (Np, p) and targets B (Np, q).
+
+    `ones_in`: the layer's input has an implicit leading column of ones, A = [1, a]; the bias row
+    b of W is kept apart so that no column of ones is ever appended to a batch.
+    Kernel form (dual only): out = (x a^T [+ 1]) M with M = (A A^T + lam I)^-1 B (Np, q), which
+    costs n Np (p + q) per n rows instead of n p q when Np is small.
+    Explicit form: out = x W [+ b].
+    """
+
+    sq_norm: torch.Tensor  # |W|_F^2, bias row included
+    ones_in: bool
+    protos: torch.Tensor | None = None  # a (Np, p), kernel form
+    M: torch.Tensor | None = None  # (Np, q), kernel form
+    W: torch.Tensor | None = None  # (p, q), explicit form
+    b: torch.Tensor | None = None  # (q,), explicit form with ones_in
+
+    def __call__(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        """The layer's output for rows x, passed through `activation` when one is named."""
+        fns = _autograd_functions()
+        out: torch.Tensor
+        if self.protos is not None and self.M is not None:
+            # The activation is fused into the kernel product (applied in place, one pass).
+            out = fns.kernel.apply(x, self.protos, self.M, self.ones_in, activation)
+            return out
+        if self.W is None:
+            raise RuntimeError("closed-form layer holds neither kernel nor explicit weights")
+        out = fns.linear.apply(x, self.W, self.b)
+        return out if activation is None else activation_fn(activation)(out)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Explicit (W, b); the kernel form is expanded to W = a^T M, b = 1^T M."""
+        if self.W is not None:
+            return self.W, self.b
+        if self.protos is None or self.M is None:
+            raise RuntimeError("closed-form layer holds neither kernel nor explicit weights")
+        b = self.M.sum(dim=0) if self.ones_in else None
+        return self.protos.T @ self.M, b
+
+
+# An explicit layer is skinny when its width q is at most 1/_SKINNY of its input width p.
+_SKINNY = 8
+
+
+def _times(P: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """P C in P's precision (float64 after a retried factorisation), returned in C's dtype."""
+    if P.dtype == C.dtype:
+        return P @ C
+    return (P @ C.to(P.dtype)).to(C.dtype)
+
+
+@dataclass(frozen=True)
+class _Functions:
+    spd_solve: Any
+    dual_solve: Any
+    kernel: Any
+    linear: Any
+
+
+@functools.cache
+def _autograd_functions() -> _Functions:
+    """The hand-written autograd Functions of the hot path (built on first use: torch is
+    imported lazily). Each backward is the plain adjoint of its forward, with every product
+    oriented the way CPU BLAS runs it fastest; gradcheck in the tests covers all three."""
+    import torch
+    from torch.autograd.function import once_differentiable
+
+    from protobench.methods.ridge import spd_inverse
+
+    _ACT_INPLACE = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_}
+
+    class SPDSolve(torch.autograd.Function):
+        @staticmethod
+        def forward(
+            ctx: Any, G: torch.Tensor, C: torch.Tensor, lam: float | torch.Tensor,
+            stats: SolveStats | None, what: str,
+        ) -> torch.Tensor:
+            P = spd_inverse(G, lam, stats, what)  # (n, n) = (G + lam I)^-1
+            X = _times(P, C)  # (n, q)
+            ctx.save_for_backward(P, X)
+            return X
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: Any, dX: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            # X = P C with P = (G + lam I)^-1:  dC = P dX,  dG = -dC X^T,  dlam = -<dC, X>
+            P, X = ctx.saved_tensors
+            need = ctx.needs_input_grad
+            dC = _times(P, dX)
+            dG = -(dC @ X.T) if need[0] else None
+            dlam = -(dC * X).sum() if need[2] else None
+            return dG, dC if need[1] else None, dlam, None, None
+
+    class DualSolve(torch.autograd.Function):
+        @staticmethod
+        def forward(
+            ctx: Any, a: torch.Tensor, B: torch.Tensor, lam: float | torch.Tensor,
+            ones_in: bool, stats: SolveStats | None, what: str,
+        ) -> torch.Tensor:
+            # M = (G + lam I)^-1 B,  G = a a^T (+ 1)
+            G = a @ a.T  # (Np, Np)
+            if ones_in:
+                G.add_(1.0)
+            P = spd_inverse(G, lam, stats, what)  # (Np, Np)
+            M = _times(P, B)  # (Np, q)
+            ctx.save_for_backward(a, P, M)
+            return M
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: Any, dM: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            # dB = P dM,  dG = -dB M^T,  da = (dG + dG^T) a,  dlam = -<dB, M>
+            a, P, M = ctx.saved_tensors
+            need = ctx.needs_input_grad
+            dB = _times(P, dM)
+            da = None
+            if need[0]:
+                dG = dB @ M.T
+                da = -((dG + dG.T) @ a)
+            dlam = -(dB * M).sum() if need[2] else None
+            return da, dB if need[1] else None, dlam, None, None, None
+
+    class KernelApply(torch.autograd.Function):
+        @staticmethod
+        def forward(
+            ctx: Any, x: torch.Tensor, a: torch.Tensor, M: torch.Tensor, ones_in: bool,
+            activation: str | None,
+        ) -> torch.Tensor:
+            # out = act(K M),  K = x a^T (+ 1)
+            K = x @ a.T  # (n, Np)
+            if ones_in:
+                K.add_(1.0)
+            Z = K @ M  # (n, q)
+            ctx.activation = activation
+            if activation is None:
+                ctx.save_for_backward(x, a, M, K, None)
+                return Z
+            if activation == "gelu":
+                out = torch.nn.functional.gelu(Z)
+                ctx.save_for_backward(x, a, M, K, Z)  # gelu' needs its input
+                return out
+            _ACT_INPLACE[activation](Z)  # relu', tanh', sigmoid' follow from the output
+            ctx.save_for_backward(x, a, M, K, Z)
+            return Z
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            # dZ = dout act'(Z),  dM = K^T dZ,  dK = dZ M^T,  da = dK^T x,  dx = dK a
+            x, a, M, K, saved = ctx.saved_tensors
+            need = ctx.needs_input_grad
+            act = ctx.activation
+            aten = torch.ops.aten
+            if act is None:
+                dZ = dout
+            elif act == "relu":
+                dZ = aten.threshold_backward(dout, saved, 0.0)
+            elif act == "tanh":
+                dZ = aten.tanh_backward(dout, saved)
+            elif act == "sigmoid":
+                dZ = aten.sigmoid_backward(dout, saved)
+            else:
+                dZ = aten.gelu_backward(dout, saved)
+            dM = K.T @ dZ if need[2] else None
+            dK = dZ @ M.T if need[0] or need[1] else None
+            da = dK.T @ x if dK is not None and need[1] else None
+            dx = dK @ a if dK is not None and need[0] else None
+            return dx, da, dM, None, None
+
+    class Linear(torch.autograd.Function):
+        @staticmethod
+        def forward(
+            ctx: Any, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None
+        ) -> torch.Tensor:
+            # out = x W (+ b); a skinny product runs as (W^T x^T)^T, about 3x faster on CPU
+            skinny = _SKINNY * W.shape[1] <= W.shape[0]
+            ctx.skinny = skinny
+            ctx.save_for_backward(x, W)
+            out = (W.T @ x.T).T if skinny else x @ W
+            return out if b is None else out + b
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            # dx = dout W^T,  dW = x^T dout (= (dout^T x)^T),  db = 1^T dout
+            x, W = ctx.saved_tensors
+            need = ctx.needs_input_grad
+            dx = dout @ W.T if need[0] else None
+            dW = None
+            if need[1]:
+                dW = (dout.T @ x).T if ctx.skinny else x.T @ dout
+            db = dout.sum(dim=0) if need[2] else None
+            return dx, dW, db
+
+    return _Functions(spd_solve=SPDSolve, dual_solve=DualSolve, kernel=KernelApply, linear=Linear)
+
+
+def spd_solve(
+    G: torch.Tensor, C: torch.Tensor, lam: float | torch.Tensor,
+    stats: SolveStats | None = None, what: str = "ridge system",
+) -> torch.Tensor:
+    """X = (G + lam I)^-1 C, differentiable in G, C and lam (a tensor).
+
+    The inverse comes from the shared `ridge.spd_inverse` (its checks, float64 retry and
+    SolveError) and serves the backward pass as well: with many right-hand sides this runs at
+    matmul speed, where `solve_spd` and autograd through the Cholesky factor do not.
+    """
+    out: torch.Tensor = _autograd_functions().spd_solve.apply(G, C, lam, stats, what)
+    return out
+
+
+def _kernel_is_cheaper(n: int, n_protos: int, p: int, q: int) -> bool:
+    # n Np (p + q)  versus  Np p q (forming W) + n p q
+    return n * n_protos * (p + q) < n_protos * p * q + n * p * q
+
+
+def solve_layer(
+    a: torch.Tensor, B: torch.Tensor, lam: float | torch.Tensor, *, ones_in: bool,
+    batch_rows: int | None = None, stats: SolveStats | None = None, what: str = "layer",
+) -> ClosedFormLayer:
+    """W = ridge([1,] a -> B, lam) for a (Np, p), B (Np, q); kernel form when cheaper on
+    `batch_rows` rows (None: always explicit, as for inference)."""
+    import torch
+
+    from protobench.methods.ridge import choose_form
+
+    n_protos, p = a.shape
+    q = B.shape[1]
+    p_full = p + int(ones_in)
+    fns = _autograd_functions()
+    if choose_form(n_protos, p_full) == "dual":
+        # W = A^T (A A^T + lam I)^-1 B,   A A^T = a a^T (+ 1 for the ones column)
+        M = fns.dual_solve.apply(a, B, lam, ones_in, stats, what)  # (Np, q)
+        if batch_rows is not None and _kernel_is_cheaper(batch_rows, n_protos, p_full, q):
+            # |W|^2 = tr(M^T A A^T M) = tr(M^T (B - lam M)),  since (A A^T + lam I) M = B
+            sq_norm = (M * (B - lam * M)).sum()
+            return ClosedFormLayer(sq_norm, ones_in, protos=a, M=M)
+        W = fns.linear.apply(a.T, M, None)  # (p, q) = a^T M
+        b = M.sum(dim=0) if ones_in else None
+    else:
+        A = torch.cat([torch.ones_like(a[:, :1]), a], dim=1) if ones_in else a
+        G = A.T @ A  # (p_full, p_full)
+        # (A^T A + lam I) W = A^T B
+        W_full = spd_solve(G, A.T @ B, lam, stats, what)
+        W, b = (W_full[1:], W_full[0]) if ones_in else (W_full, None)
+    sq_norm = (W * W).sum() if b is None else (W * W).sum() + (b * b).sum()
+    return ClosedFormLayer(sq_norm, ones_in, W=W, b=b)
+
+
+def solve_prototypes(
+    Xp: torch.Tensor, Hp: Sequence[torch.Tensor], Yp: torch.Tensor,
+    lam1: float | torch.Tensor, lam2: float | torch.Tensor, *,
+    activation: str, temperature: float = 0.0,
+    batch_rows: int | None = None, stats: SolveStats | None = None,
+) -> list[ClosedFormLayer]:
+    """All L + 1 closed-form layers from the prototypes (see the module docstring)."""
+    import torch
+
+    act = activation_fn(activation)
+    # W1 = ridge(Xp -> Hp_1, lam1)   (d'+1, h); Xp carries its own bias column
+    layers = [solve_layer(Xp, Hp[0], lam1, ones_in=False, batch_rows=batch_rows, stats=stats,
+                          what="layer-1 ridge system")]
+    for i in range(1, len(Hp)):
+        # W_l = ridge([1, act(Hp_{l-1})] -> Hp_l, lam1)   (h+1, h)
+        layers.append(solve_layer(act(Hp[i - 1]), Hp[i], lam1, ones_in=True,
+                                  batch_rows=batch_rows, stats=stats,
+                                  what=f"layer-{i + 1} ridge system"))
+    # W_{L+1} = ridge([1, act(Hp_L)] -> Yp, lam2)   (h+1, k); softmax(Yp / T) when T > 0
+    targets = torch.softmax(Yp / temperature, dim=1) if temperature > 0 else Yp
+    layers.append(solve_layer(act(Hp[-1]), targets, lam2, ones_in=True, batch_rows=batch_rows,
+                              stats=stats, what="output ridge system"))
+    return layers
+
+
+def forward(X: torch.Tensor, layers: Sequence[ClosedFormLayer], activation: str) -> torch.Tensor:
+    """Logits (n, k) of rows X~ (n, d'+1): [1, act(... act(X~ W1) ...)] W_{L+1}."""
+    out = X
+    for layer in layers[:-1]:
+        out = layer(out, activation)
+    return layers[-1](out)
+
+
+def proto_loss(
+    X: torch.Tensor, y: torch.Tensor,
+    Xp: torch.Tensor, Hp: Sequence[torch.Tensor], Yp: torch.Tensor,
+    lam1: float | torch.Tensor, lam2: float | torch.Tensor, *,
+    lam3: float, activation: str, temperature: float = 0.0, stats: SolveStats | None = None,
+) -> tuple[torch.Tensor, list[ClosedFormLayer]]:
+    """Training loss on rows X~ (n, d'+1), labels y (n,), given the prototypes; a pure function.
+
+    loss = cross_entropy(logits, y) + lam3 sum_l |W_l|^2
+    """
+    import torch
+
+    layers = solve_prototypes(Xp, Hp, Yp, lam1, lam2, activation=activation,
+                              temperature=temperature, batch_rows=int(X.shape[0]), stats=stats)
+    logits = forward(X, layers, activation)
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    if lam3 > 0:
+        loss = loss + lam3 * torch.stack([layer.sq_norm for layer in layers]).sum()
+    return loss, layers
+
+
+def inverse_softplus(lam: float) -> float:
+    """rho with softplus(rho) = lam (> 0)."""
+    # softplus^-1(lam) = log(exp(lam) - 1) = lam + log(1 - exp(-lam))
+    return lam + math.log(-math.expm1(-lam))
+
+
+def gram_spectrum(A: torch.Tensor, ones_in: bool = False) -> tuple[float, float]:
+    """Condition number and smallest singular value of A ([1, A] with ones_in), in float64.
+
+    Both come from the eigenvalues of the smaller Gram matrix (Np x Np when A is wide):
+    sigma_i = sqrt(eig_i). A rank-deficient A gives sigma_min 0 and an infinite condition.
+    """
+    import torch
+
+    A64 = A.detach().double()
+    if ones_in:
+        A64 = torch.cat([torch.ones_like(A64[:, :1]), A64], dim=1)
+    G = A64 @ A64.T if A64.shape[0] <= A64.shape[1] else A64.T @ A64
+    eig = torch.linalg.eigvalsh(G)
+    s_max = math.sqrt(max(float(eig[-1]), 0.0))
+    s_min = math.sqrt(max(float(eig[0]), 0.0))
+    return (s_max / s_min if s_min > 0 else math.inf), s_min
+
+
+def _make_schedule(
+    opt: torch.optim.Optimizer, kind: str, lr: float, total: int, warmup_frac: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    import torch
+
+    if kind == "onecycle" and total >= 2:
+        # Cosine rise from lr/25 to lr over 30% of the steps, then down to lr/25e4;
+        # Adam's beta1 cycles between 0.95 and 0.85 the other way.
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
+    warm = round(warmup_frac * total) if kind == "cosine" else 0
+
+    def factor(step: int) -> float:
+        # Linear warm-up over `warm` steps, then cosine decay to 0 at the last step.
+        if step < warm:
+            return (step + 1) / warm
+        span = max(total - warm, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warm, span) / span))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class ProtoPinvH(Method):
+    """Prototypes Xp, Hp, Yp trained by Adam through closed-form ridge layers."""
+
+    name: ClassVar[str] = "proto-pinv-h"
+    summary: ClassVar[str] = (
+        "prototype training with dual pseudo-inverse and optimised hidden activations "
+        "(arXiv 2508.09787)"
+    )
+    hyperparams: ClassVar[tuple[HyperParam, ...]] = _hyperparams(train_hidden=True)
+    train_hidden: ClassVar[bool] = True
+
+    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+        super().__init__(params)
+        self.projection: Projection | None = None
+        self.Xp: torch.Tensor | None = None  # (Np, d'+1)
+        self.Hp: list[torch.Tensor] = []  # L x (Np, h)
+        self.Yp: torch.Tensor | None = None  # (Np, k)
+        self.rho: torch.Tensor | None = None  # (2,) softplus(rho) = (lam1, lam2) if learn_lam
+        self._Xt: torch.Tensor | None = None  # (N, d'+1) projected training rows, ones column
+        self._y: torch.Tensor | None = None  # (N,)
+        self._stats: SolveStats | None = None
+        self._cache: list[ClosedFormLayer] | None = None
+        self._final: dict[str, float] = {}
+        self._worst: dict[str, float] = {}
+        self.epochs_run = 0
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def prepare(self, data: FitData, ctx: FitContext) -> None:
+        """Fit the projection on train, project the training rows once, draw the prototypes."""
+        import torch
+
+        from protobench.methods.ridge import SolveStats
+
+        p = self.params
+        self.projection = fit_projection(data.X, data.y, data.n_classes, p["projection"],
+                                         p["proj_dim"])
+        Z = self.projection.apply(data.X)  # (N, d')
+        Xt = torch.empty(Z.shape[0], Z.shape[1] + 1, dtype=Z.dtype, device=Z.device)
+        Xt[:, :-1] = Z
+        Xt[:, -1] = 1.0
+        del Z
+        self._Xt, self._y = Xt, data.y
+        self._stats = SolveStats()
+        self._init_prototypes(Xt, data.y, data.n_classes, ctx)
+        self._cache = None
+
+    def _init_prototypes(
+        self, Xt: torch.Tensor, y: torch.Tensor, k: int, ctx: FitContext
+    ) -> None:
+        import torch
+
+        p = self.params
+        n_protos, h, depth = p["n_prototypes"], p["hidden"], p["depth"]
+        gen = ctx.generator("init")
+        dev, dtype = ctx.device, Xt.dtype
+        # Balanced one-hot Yp: Np // k prototypes per class, the remainder to the first classes.
+        labels = torch.arange(n_protos) % k
+        labels, _ = labels.sort()
+        Yp = torch.nn.functional.one_hot(labels, k).to(dtype)  # (Np, k)
+        if p["init"] == "samples":
+            # Stratified: each prototype starts at a random training row of its class.
+            y_cpu = y.cpu()
+            idx = torch.empty(n_protos, dtype=torch.long)
+            for c in range(k):
+                slots = (labels == c).nonzero().flatten()
+                rows = (y_cpu == c).nonzero().flatten()
+                if rows.numel() == 0:
+                    rows = torch.arange(y_cpu.numel())
+                picks = torch.randperm(rows.numel(), generator=gen)
+                picks = picks.repeat(-(-slots.numel() // rows.numel()))[:slots.numel()]
+                idx[slots] = rows[picks]
+            Xp = Xt.index_select(0, idx.to(Xt.device)).to(device=dev)  # (Np, d'+1)
+        else:
+            # Normal draw with the training columns' mean and spread; bias column at 1.
+            std, mean = torch.std_mean(Xt, dim=0)
+            noise = torch.randn(n_protos, Xt.shape[1], generator=gen, dtype=dtype)
+            Xp = mean + std * noise.to(dev)
+            Xp[:, -1] = 1.0
+        Hp = torch.randn(depth, n_protos, h, generator=gen, dtype=dtype)  # L x (Np, h)
+        self.Xp = Xp.clone().to(dev).requires_grad_(True)
+        self.Hp = [H.clone().to(dev).requires_grad_(self.train_hidden) for H in Hp]
+        self.Yp = Yp.to(dev).requires_grad_(True)
+        self.rho = None
+        if p["learn_lam"]:
+            rho = [inverse_softplus(p["lam1"]), inverse_softplus(p["lam2"])]
+            self.rho = torch.tensor(rho, dtype=dtype, device=dev).requires_grad_(True)
+
+    def _require_prepared(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.Xp is None or self.Yp is None or self._Xt is None or self._y is None:
+            raise RuntimeError(f"{self.name}: prepare (or fit) must run first")
+        return self.Xp, self.Yp, self._Xt, self._y
+
+    def _lams(self) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        import torch
+
+        if self.rho is None:
+            return float(self.params["lam1"]), float(self.params["lam2"])
+        lam = torch.nn.functional.softplus(self.rho)
+        return lam[0], lam[1]
+
+    def _loss(
+        self, X: torch.Tensor, y: torch.Tensor, stats: SolveStats | None
+    ) -> tuple[torch.Tensor, list[ClosedFormLayer]]:
+        Xp, Yp, _, _ = self._require_prepared()
+        lam1, lam2 = self._lams()
+        p = self.params
+        return proto_loss(X, y, Xp, self.Hp, Yp, lam1, lam2, lam3=p["lam3"],
+                          activation=p["activation"], temperature=p["temperature"], stats=stats)
+
+    def _batch_size(self, n: int) -> int:
+        size = int(self.params["batch_size"])
+        return n if size == 0 else min(size, n)
+
+    def warmup(self, data: FitData, ctx: FitContext) -> None:
+        """One forward and backward pass on the first batch; prototypes and Adam untouched."""
+        from protobench.methods.ridge import SolveStats
+
+        if self._Xt is None:
+            self.prepare(data, ctx)
+        _, _, Xt, y = self._require_prepared()
+        rows = self._batch_size(Xt.shape[0])
+        loss, _ = self._loss(Xt[:rows], y[:rows], SolveStats())
+        loss.backward()
+        for t in self._trainable():
+            t.grad = None
+        self._cache = None
+
+    def _trainable(self) -> list[torch.Tensor]:
+        Xp, Yp, _, _ = self._require_prepared()
+        out = [Xp, Yp]
+        if self.train_hidden:
+            out += self.Hp
+        if self.rho is not None:
+            out.append(self.rho)
+        return out
+
+    # -- training -------------------------------------------------------------------------------
+
+    def fit(self, data: FitData, ctx: FitContext) -> None:
+        import torch
+
+        if self._Xt is None:
+            self.prepare(data, ctx)
+        Xp, Yp, Xt, y = self._require_prepared()
+        p = self.params
+        n = int(Xt.shape[0])
+        rows = self._batch_size(n)
+        steps = -(-n // rows)
+        epochs = int(p["epochs"])
+        groups: list[dict[str, Any]] = [
+            {"params": [Xp], "weight_decay": p["wd_xp"]},
+            {"params": [Yp], "weight_decay": p["wd_yp"]},
+        ]
+        if self.train_hidden:
+            groups.append({"params": list(self.Hp), "weight_decay": p["wd_hp"]})
+        if self.rho is not None:
+            groups.append({"params": [self.rho], "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=p["lr"], fused=True)
+        sched = _make_schedule(opt, p["schedule"], p["lr"], epochs * steps, p["warmup_frac"])
+        gen = ctx.generator("shuffle")
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(n, generator=gen).to(ctx.device) if rows < n else None
+            loss_sum = torch.zeros((), dtype=Xt.dtype, device=Xt.device)
+            for step in range(steps):
+                if order is None:
+                    Xb, yb = Xt, y
+                else:
+                    idx = order[step * rows:(step + 1) * rows]
+                    Xb, yb = Xt.index_select(0, idx), y.index_select(0, idx)
+                self._check_finite(epoch)
+                loss, _ = self._loss(Xb, yb, self._stats)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                self._cache = None
+                loss_sum += loss.detach()
+            self._check_finite(epoch)
+            self.epochs_run = epoch
+            diagnostics = self._diagnostics(float(loss_sum) / steps)
+            ctx.progress(epoch, epochs, "epoch")
+            if ctx.checkpoint(epoch, diagnostics):
+                break
+
+    def _check_finite(self, epoch: int) -> None:
+        import torch
+
+        Xp, Yp, _, _ = self._require_prepared()
+        with torch.no_grad():
+            total = Xp.sum() + Yp.sum()
+            for t in [*self.Hp, *([] if self.rho is None else [self.rho])]:
+                total = total + t.sum()
+            if not bool(torch.isfinite(total)):
+                raise SolveError(
+                    f"non-finite prototypes at epoch {epoch}: the last Adam step diverged; "
+                    f"lower lr (now {self.params['lr']:g}) or raise lam1/lam2"
+                )
+
+    def _diagnostics(self, mean_loss: float) -> dict[str, float]:
+        """Conditioning of each prototype matrix a ridge layer solves with, and solve retries.
+
+        cond_Xp / sigma_min_Xp describe Xp; cond_Hp<l> / sigma_min_Hp<l> describe [1, act(Hp_l)],
+        the input matrix of layer l + 1. The Np x Np Gram matrices are re-formed in float64
+        (about 1e7 flops): a float32 Gram cannot resolve sigma_min below ~3e-4 sigma_max.
+        """
+        import torch
+
+        Xp, _, _, _ = self._require_prepared()
+        act = activation_fn(self.params["activation"])
+        out: dict[str, float] = {"train_loss": mean_loss}
+        with torch.no_grad():
+            mats = [("Xp", Xp, False)] + [
+                (f"Hp{i + 1}", act(H), True) for i, H in enumerate(self.Hp)
+            ]
+            for key, A, ones_in in mats:
+                cond, s_min = gram_spectrum(A, ones_in)
+                out[f"cond_{key}"] = cond
+                out[f"sigma_min_{key}"] = s_min
+            if self.rho is not None:
+                lam = torch.nn.functional.softplus(self.rho)
+                out["lam1"], out["lam2"] = float(lam[0]), float(lam[1])
+        out["solve_retries"] = float(self._stats.retries if self._stats else 0)
+        self._final = dict(out)
+        for key, value in out.items():
+            if key.startswith("cond_"):
+                self._worst[key] = max(value, self._worst.get(key, value))
+            elif key.startswith("sigma_min_"):
+                self._worst[key] = min(value, self._worst.get(key, value))
+        return out
+
+    # -- inference ------------------------------------------------------------------------------
+
+    def _layers(self) -> list[ClosedFormLayer]:
+        """Explicit weights from the current prototypes, cached until the next Adam step."""
+        import torch
+
+        if self._cache is None:
+            Xp, Yp, _, _ = self._require_prepared()
+            with torch.no_grad():
+                lam1, lam2 = self._lams()
+                layers = solve_prototypes(Xp, self.Hp, Yp, lam1, lam2,
+                                          activation=self.params["activation"],
+                                          temperature=self.params["temperature"],
+                                          stats=self._stats)
+            self._cache = layers
+        return self._cache
+
+    def predict(self, X: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if self.projection is None:
+            raise RuntimeError(f"{self.name}: fit must run before predict")
+        layers = self._layers()
+        act = activation_fn(self.params["activation"])
+        with torch.no_grad():
+            W1, _ = layers[0].weights()
+            # X~ W1 = (X - mean) P W1[:d'] + W1[d']  (the ones column of X~ meets W1's last row)
+            out = torch.addmm(W1[-1], self.projection.apply(X), W1[:-1])
+            for layer in layers[1:]:
+                out = layer(act(out))
+        return out.contiguous()
+
+    def trainable_parameters(self) -> int:
+        return sum(int(t.numel()) for t in self._trainable())
+
+    def stored_parameters(self) -> int:
+        if self.projection is None:
+            raise RuntimeError(f"{self.name}: fit must run before parameters are counted")
+        total = self.projection.stored_values()
+        for layer in self._layers():
+            W, b = layer.weights()
+            total += int(W.numel()) + (0 if b is None else int(b.numel()))
+        return total
+
+    def summary_diagnostics(self) -> dict[str, float]:
+        out = dict(self._final)
+        out.update({f"worst_{key}": value for key, value in self._worst.items()})
+        out["epochs_run"] = float(self.epochs_run)
+        return out
+
+
+class ProtoPinv(ProtoPinvH):
+    """The ablation: hidden prototypes frozen at their random start; only Xp, Yp are trained."""
+
+    name: ClassVar[str] = "proto-pinv"
+    summary: ClassVar[str] = (
+        "prototype training with dual pseudo-inverse, hidden prototypes frozen at random "
+        "(ablation of arXiv 2508.09787)"
+    )
+    hyperparams: ClassVar[tuple[HyperParam, ...]] = _hyperparams(train_hidden=False)
+    train_hidden: ClassVar[bool] = False
