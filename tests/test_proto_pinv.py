@@ -308,10 +308,11 @@ def test_bad_hyperparameters_are_refused(
         cls(params)
 
 
-def test_projection_wider_than_input_is_refused() -> None:
+def test_projection_wider_than_input_keeps_the_input_width() -> None:
     method = ProtoPinvH({**SMALL, "proj_dim": 65})
-    with pytest.raises(ConfigError, match=r"proj_dim must be in \[1, 64\]"):
-        method.prepare(fit_data(300), RunContext(CPU, seed=0))
+    method.prepare(fit_data(300), RunContext(CPU, seed=0))
+    assert method.projection is not None
+    assert method.projection.components.shape == (64, 64)
 
 
 def test_pls_wider_than_the_data_rank_is_refused() -> None:

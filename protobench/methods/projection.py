@@ -162,8 +162,12 @@ def fit_projection(
     if kind == "none":
         return identity_projection()
     n, d = X.shape
-    if not 1 <= dim <= d:
-        raise ConfigError(f"proj_dim must be in [1, {d}] (the input width), got {dim}")
+    if dim < 1:
+        raise ConfigError(f"proj_dim must be >= 1, got {dim}")
+    if dim > d:
+        # A projection cannot widen its input: the default d'=400 on 8x8 digits keeps all 64.
+        logger.info("proj_dim %d exceeds the input width %d; projecting to %d", dim, d, d)
+        dim = d
     if kind == "pca":
         mean, C, _ = centred_moments(X)
         P = pca_components(C, dim)
