@@ -10,8 +10,11 @@ python=${PYTHON:-python3}
 # 1. A virtual environment with the package, re-installed only when pyproject.toml changes.
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 extras=""
-[ "$mode" = "--test" ] && extras="[test]"
-stamp=.venv/.protobench-setup$( [ "$mode" = "--test" ] && echo -test )
+stamp=.venv/.protobench-setup
+if [ "$mode" = "--test" ]; then
+  extras="[test]"
+  stamp=.venv/.protobench-setup-test
+fi
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".$extras"
@@ -30,7 +33,20 @@ apt_install() {
       echo "setup: could not install ${missing[*]}; continuing without" >&2
   fi
 }
-apt_install dataset-fashion-mnist
+packages=(dataset-fashion-mnist)
+new_postgres=""
+if [ "$mode" = "--test" ]; then
+  # tests/test_distributed.py starts clusters of its own; tests/test_report.py a browser.
+  packages+=(postgresql chromium)
+  dpkg -s postgresql >/dev/null 2>&1 || new_postgres=1
+fi
+apt_install "${packages[@]}"
+# Debian's package starts a cluster of its own on installation: the tests do not use it.
+if [ -n "$new_postgres" ] && command -v pg_lsclusters >/dev/null; then
+  pg_lsclusters -h | while read -r version cluster _; do
+    pg_ctlcluster "$version" "$cluster" stop >/dev/null 2>&1 || true
+  done
+fi
 
 # 3. The data sets, fetched and verified once.
 .venv/bin/bench data fetch mnist fashion-mnist
