@@ -311,15 +311,26 @@ def test_bad_hyperparameters_are_refused(
 def test_projection_wider_than_input_keeps_the_input_width() -> None:
     method = ProtoPinvH({**SMALL, "proj_dim": 65})
     method.prepare(fit_data(300), RunContext(CPU, seed=0))
-    assert method.projection is not None
+    assert method.projection is not None and method.projection.components is not None
     assert method.projection.components.shape == (64, 64)
 
 
-def test_pls_wider_than_the_data_rank_is_refused() -> None:
+def test_pls_stops_at_the_data_rank() -> None:
     X = torch.rand(200, 4, generator=torch.Generator().manual_seed(0))
     X = torch.cat([X, X[:, :2] + X[:, 2:]], dim=1)  # rank 4 in 6 columns
-    with pytest.raises(ConfigError, match=r"hold only 4 independent PLS directions"):
-        fit_projection(X, torch.arange(200) % 3, 3, "pls", 5)
+    proj = fit_projection(X, torch.arange(200) % 3, 3, "pls", 5)
+    assert proj.out_dim == 4
+    with pytest.raises(ConfigError, match="projection=pls needs training inputs that vary"):
+        fit_projection(torch.ones(50, 6), torch.arange(50) % 3, 3, "pls", 2)
+
+
+def test_pls_defaults_run_on_digits_sized_inputs() -> None:
+    data = fit_data(300)
+    X = data.X.clone()
+    X[:, :5] = 0.0  # constant pixels, as in the corners of real digits: rank 59 < 64
+    method = ProtoPinvH({**SMALL, "projection": "pls", "proj_dim": 400, "epochs": 1})
+    run_fit(method, FitData(X=X, y=data.y, n_classes=10, image_shape=(64,)))
+    assert method.Xp is not None and method.Xp.shape == (40, 59 + 1)
 
 
 @pytest.mark.parametrize("kind", ["pca", "pls"])

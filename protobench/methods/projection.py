@@ -14,7 +14,8 @@ C = Xc^T Xc (d, d) and S = Xc^T Yc (d, k), never on the rows, so its cost does n
     v = p orthogonalised against the previous v's, normalised
     S <- S - v (v^T S)                                               (deflation)
 The scores t = Xc r of different steps are uncorrelated. PLS can extract at most rank(Xc)
-directions; asking for more is refused with a ConfigError.
+directions: asking for more yields only those (logged), as a projection never widens its input;
+training inputs with no variance at all are refused with a ConfigError.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ PROJECTIONS: tuple[str, ...] = ("none", "pca", "pls")
 
 # Rows per block when the covariance is accumulated (bounds the float32 temporaries).
 _COV_BLOCK = 16384
-# A PLS direction whose score variance r^T C r falls below this fraction of trace(C) / d is
-# numerical noise (C is accumulated from float32 products, good to ~1e-7 of its scale): the data
-# hold no further independent direction.
+# PLS stops when the next direction is numerical noise (C and S are accumulated from float32
+# products, good to ~1e-7 of their scale): when its score variance r^T C r falls below this
+# fraction of trace(C) / d, or S below this fraction of its first size: the data hold no
+# further independent direction.
 _PLS_RANK_TOL = 1e-6
 
 
@@ -117,28 +119,39 @@ def pca_components(C: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def pls_components(C: torch.Tensor, S: torch.Tensor, dim: int) -> torch.Tensor:
-    """SIMPLS weights R (d, dim), unit columns, from C = Xc^T Xc and S = Xc^T Yc (float64)."""
+    """SIMPLS weights R (d, m), unit columns, from C = Xc^T Xc and S = Xc^T Yc (float64);
+    m = dim, or fewer when the data hold fewer independent directions."""
     import torch
 
     d = C.shape[0]
     R = torch.zeros(d, dim, dtype=C.dtype, device=C.device)
     V = torch.zeros(d, dim, dtype=C.dtype, device=C.device)
     floor = _PLS_RANK_TOL * float(C.diagonal().sum()) / d
+    s_first = 0.0
     S = S.clone()
     for a in range(dim):
-        # q = leading right singular vector of S;  r = S q / |S q|
-        _, _, Vh = torch.linalg.svd(S, full_matrices=False)
+        # q = leading right singular vector of S;  r = S q, kept orthogonal to the earlier
+        # loadings V (exact in theory, since S is; enforced here against rounding once S has
+        # shrunk to noise), so that the score t = Xc r is uncorrelated with earlier scores.
+        _, sv, Vh = torch.linalg.svd(S, full_matrices=False)
+        s_top = float(sv[0])
+        s_first = s_top if a == 0 else s_first
         r = S @ Vh[0]
-        r = r / r.norm()
-        # Score variance r^T C r (times N); S is orthogonal to earlier loadings, so the score
-        # t = Xc r is uncorrelated with earlier scores.
+        for _ in range(2):
+            r = r - V[:, :a] @ (V[:, :a].T @ r)
+        norm = float(r.norm())
+        r = r / norm if norm > 0 else r
+        # Score variance r^T C r (times N): about 0 once the loadings span the data's range.
         Cr = C @ r
         var = float(r @ Cr)
-        if not var > floor:
-            raise ConfigError(
-                f"proj_dim={dim} is too large for projection=pls: the training inputs hold only "
-                f"{a} independent PLS directions; choose proj_dim <= {a}"
-            )
+        # Exhausted: S has shrunk to rounding noise, r lies in span(V), or t has no variance.
+        exhausted = s_top <= _PLS_RANK_TOL * s_first or norm <= _PLS_RANK_TOL * s_top
+        if exhausted or not var > floor:
+            if a == 0:
+                raise ConfigError("projection=pls needs training inputs that vary; these do not")
+            logger.info("PLS found %d independent directions; projecting to %d, not %d",
+                        a, a, dim)
+            return _fix_signs(R[:, :a])
         # p = C r / (r^T C r);  v = p - V V^T p (twice, for orthogonality), normalised
         v = Cr / var
         for _ in range(2):
