@@ -3,8 +3,12 @@
 Each trial is one run of the shared runner (`RunConfig(score_test=False)`, so the test split is
 never read) with parameters drawn from the plugin's declared search ranges. Studies live in an
 Optuna storage (a SQLite file in the results folder by default) and resume by name; `trials`
-counts COMPLETE trials of the whole study. Trials of a worker that died are marked FAILED (by
-heartbeat, and at once when the dead process ran on this host) and retried once.
+counts COMPLETE trials of the whole study, however many workers (threads, processes, machines)
+share it: a worker starts a trial only while the study's COMPLETE and RUNNING trials fall short
+of the target, and that look and the new trial's creation are serialised across workers by a
+`_Gate` (a PostgreSQL advisory lock, or a lock file beside a SQLite or journal file). Trials of a
+worker that died are marked FAILED (by heartbeat, and at once when the dead process ran on this
+host) and retried once.
 
 MLflow gets one parent run per study (tag kind=study) and one nested child run per trial, written
 by the ordinary `Recorder` through explicit run ids, so trials may run in parallel threads.
@@ -23,13 +27,14 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protobench.errors import ConfigError, ResultsError
 from protobench.results.recorder import DEFAULT_RESULTS_DIR
+from protobench.results.table import locked
 
 if TYPE_CHECKING:
     import optuna
@@ -406,8 +411,10 @@ def open_storage(
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
                     heartbeat_stale_trial_callback=stale_callback,
                 )
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as exc:
-            # Several processes creating the same new file race on its tables: try again.
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError,
+                sqlalchemy.exc.ProgrammingError) as exc:
+            # Several processes creating the same new database race on its tables (PostgreSQL:
+            # "type ... already exists" is a ProgrammingError): try again.
             last = exc
             time.sleep(0.2 * (attempt + 1))
         except (ImportError, ValueError, sqlalchemy.exc.ArgumentError) as exc:
@@ -453,6 +460,81 @@ def _open_study(
             last = exc
             time.sleep(0.2 * (attempt + 1))
     raise ResultsError(f"cannot create or load study {name!r}: {last}")
+
+
+# Workers sharing a study -----------------------------------------------------------------
+
+
+class _Gate:
+    """A lock that the workers of a study take in turn, on every machine that shares its storage.
+
+    It serialises what must not race between workers: the look at the study's room for one more
+    trial together with that trial's creation (see `_Driver`), and finding or creating the
+    study's MLflow run. PostgreSQL: a session advisory lock, on a connection drawn from the
+    storage's pool for the while (the server drops the lock when a worker dies); SQLite and
+    journal files: an flock beside the file; other databases: this process's threads only.
+    """
+
+    def __init__(self, storage: optuna.storages.BaseStorage, url: str, study_name: str) -> None:
+        self._threads = threading.Lock()
+        self._held = threading.local()
+        self._holding = ExitStack()
+        self._file: Path | None = None
+        self._engine: Any = None
+        digest = hashlib.sha256(f"protobench-study:{study_name}".encode()).digest()
+        self._key = int.from_bytes(digest[:8], "big", signed=True)
+        if url.startswith(JOURNAL_PREFIX):
+            self._file = Path(url[len(JOURNAL_PREFIX):])
+        elif url.startswith("sqlite:///") and ":memory:" not in url:
+            self._file = Path(url[len("sqlite:///"):].split("?", 1)[0])
+        else:
+            engine = getattr(storage, "engine", None)
+            if engine is not None and engine.dialect.name == "postgresql":
+                self._engine = engine
+
+    def acquire(self) -> None:
+        self._threads.acquire()
+        try:
+            if self._engine is not None:
+                self._holding.enter_context(self._advisory_lock())
+            elif self._file is not None:
+                lock = self._file.with_name(self._file.name + "-gate")
+                self._holding.enter_context(locked(lock))
+        except BaseException:
+            self._threads.release()
+            raise
+        self._held.value = True
+
+    def release(self) -> None:
+        """Release the gate if this thread holds it."""
+        if not getattr(self._held, "value", False):
+            return
+        self._held.value = False
+        try:
+            self._holding.close()
+        finally:
+            self._threads.release()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    @contextmanager
+    def _advisory_lock(self) -> Iterator[None]:
+        import sqlalchemy
+
+        with self._engine.connect() as connection:
+            connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+            key = {"key": self._key}
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), key)
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:key)"), key)
 
 
 # Dead workers ----------------------------------------------------------------------------
@@ -561,13 +643,12 @@ def _study_key(url: str, name: str) -> str:
 
 
 def _parent_run(recorder: Recorder, config: TuneConfig, url: str,
-                dims: Sequence[SearchDim]) -> str:
+                dims: Sequence[SearchDim], gate: _Gate) -> str:
     """The study's MLflow run (tag kind=study), created once even by concurrent workers."""
     from protobench.results.names import file_stem
-    from protobench.results.table import locked
 
-    # Workers sharing the results folder take turns; others fall back on "oldest wins".
-    with locked(recorder.results_dir / f".study-{file_stem(config.study_name)}"):
+    # Workers sharing the study or the results folder take turns; others: "oldest wins".
+    with locked(recorder.results_dir / f".study-{file_stem(config.study_name)}"), gate.held():
         return _find_or_create_parent(recorder, config, url, dims)
 
 
@@ -638,20 +719,19 @@ class _TrialObserver:
         self.run_id = ""
 
     def run_started(self, info: RunInfo) -> str | None:
-        from mlflow.entities import RunTag
-
-        run_id = self.recorder.run_started(info)
+        # Created as a trial in one call, so that no worker's death leaves a plain run behind.
+        tags = {
+            "kind": "trial",
+            "mlflow.parentRunId": self.parent_run_id,
+            "trial": str(self.trial.number),
+            "study": self.study_name,
+        }
+        run_id = self.recorder.run_started(info, tags)
         if run_id is None:
             return None
         self.run_id = run_id
-        tags = [
-            RunTag("kind", "trial"),
-            RunTag("mlflow.parentRunId", self.parent_run_id),
-            RunTag("trial", str(self.trial.number)),
-            RunTag("study", self.study_name),
-        ]
-        tags.append(RunTag("mlflow.runName", f"trial-{self.trial.number}"))
-        self.recorder.client.log_batch(run_id, tags=tags)
+        self.trial.set_user_attr("mlflow_run_id", run_id)  # the figures hold it only at the end
+        self.recorder.client.set_tag(run_id, "mlflow.runName", f"trial-{self.trial.number}")
         return run_id
 
     def run_progress(self, info: RunInfo, done: int, total: int, unit: str) -> None:
@@ -718,8 +798,6 @@ class _Objective:
 
         from protobench.harness.runner import FAILED, RunInfo, run_one
 
-        # One write, so that a worker killed after it is always recognisable as dead.
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         tuned = {d.name: d.suggest(trial) for d in self.dims}
         params = self.cls.check_params({**self.base_params, **tuned})
         trial.set_user_attr("params", params)
@@ -801,9 +879,12 @@ def _json_float(value: float) -> float | None:
 class _Driver:
     """Runs trials in `n_jobs` threads until the study holds `target` COMPLETE trials.
 
-    A thread starts a trial only while complete trials plus this process's trials in flight
-    fall short of the target (so `n_jobs` does not overshoot it), the grid has points left,
-    fewer than `max_failures` trials in a row failed, and the timeout has not run out.
+    A thread starts a trial only while the study's complete trials plus its trials in flight
+    (RUNNING, on any worker) fall short of the target, the grid has points left, fewer than
+    `max_failures` trials in a row failed, and the timeout has not run out. That look and the
+    new trial's creation happen under the `gate`, so workers together do not overshoot the
+    target. Without a heartbeat (journal storage) only this host's RUNNING trials count as in
+    flight: those are the ones whose death can be seen.
     """
 
     def __init__(
@@ -814,6 +895,8 @@ class _Driver:
         target: int,
         config: TuneConfig,
         grid: Mapping[str, list[Any]] | None,
+        gate: _Gate,
+        heartbeat: bool,
     ) -> None:
         self.study = study
         self.objective = objective
@@ -822,6 +905,10 @@ class _Driver:
         self.config = config
         self.grid = dict(sorted(grid.items())) if grid else None
         self.grid_size = math.prod(len(v) for v in grid.values()) if grid else 0
+        self.gate = gate
+        self.heartbeat = heartbeat
+        self.host = socket.gethostname()
+        self._local = threading.local()
         self.in_flight = 0
         self.streak = 0
         self.tripped = False
@@ -851,9 +938,14 @@ class _Driver:
     def _worker(self) -> None:
         try:
             while self._claim():
+                self._local.trial_id = None
                 try:
-                    self.study.optimize(self.objective, n_trials=1, callbacks=self.callbacks)
+                    self.study.optimize(self._run, n_trials=1, callbacks=self.callbacks)
+                except ValueError as exc:
+                    if not self._lost(exc):
+                        raise
                 finally:
+                    self.gate.release()  # still held only when the trial was never created
                     with self._cond:
                         self.in_flight -= 1
                         self._cond.notify_all()
@@ -861,26 +953,60 @@ class _Driver:
             self._stop()
             raise
 
+    def _run(self, trial: optuna.trial.Trial) -> float | list[float]:
+        self._local.trial_id = trial._trial_id
+        # One write, so that a worker killed after it is always recognisable as dead.
+        trial.set_user_attr("worker", {"host": self.host, "pid": os.getpid()})
+        self.gate.release()  # the trial is in the study: the next worker may look
+        return self.objective(trial)
+
+    def _lost(self, exc: ValueError) -> bool:
+        """Whether another worker failed this thread's trial before its result could be told.
+
+        That happens when its heartbeats were late (a stalled machine): the trial is FAIL and
+        re-queued elsewhere, so this worker drops the result and carries on.
+        """
+        from optuna.trial import TrialState
+
+        trial_id = getattr(self._local, "trial_id", None)
+        if trial_id is None or not str(exc).startswith("Cannot tell a"):
+            return False
+        frozen = self.study._storage.get_trial(trial_id)
+        if frozen.state != TrialState.FAIL:
+            return False
+        logger.warning("trial %d was marked FAILED by another worker (its heartbeat was late) "
+                       "before it ended here; its result is dropped", frozen.number)
+        return True
+
     def _stop(self) -> None:
         with self._cond:
             self.done = True
             self._cond.notify_all()
 
     def _claim(self) -> bool:
-        """Wait until a trial may start (True) or none should start any more (False)."""
-        with self._cond:
-            while True:
+        """Wait until a trial may start (True, holding the gate) or none should (False)."""
+        while True:
+            with self._cond:
                 if self.done or self.tripped or self.timed_out():
                     return False
+            self.gate.acquire()
+            try:
                 verdict = self._room()
-                if verdict == "start":
+            except BaseException:
+                self.gate.release()
+                raise
+            if verdict == "start":
+                with self._cond:
                     self.in_flight += 1
-                    return True
-                if verdict == "stop" and self.in_flight == 0:
-                    self.done = True
-                    self._cond.notify_all()
-                    return False
-                # A trial in flight may yet fail or be pruned and leave room.
+                return True  # `_run` releases the gate once the trial exists
+            self.gate.release()
+            if verdict == "stop":
+                self._stop()
+                return False
+            # A trial in flight may yet fail or be pruned and leave room; one whose worker
+            # died is failed here (and re-queued) once its heartbeat is stale.
+            fail_dead_trials(self.study, self.config.retry_dead)
+            with self._cond:
                 self._cond.wait(timeout=1.0)
 
     def _room(self) -> str:
@@ -888,8 +1014,11 @@ class _Driver:
 
         trials = self.study.get_trials(deepcopy=False)
         complete = sum(t.state == TrialState.COMPLETE for t in trials)
-        if complete + self.in_flight >= self.target:
-            return "stop" if complete >= self.target else "wait"
+        running = sum(t.state == TrialState.RUNNING and self._watched(t) for t in trials)
+        if complete >= self.target:
+            return "stop"
+        if complete + running >= self.target:
+            return "wait"
         if self.grid is None or any(t.state == TrialState.WAITING for t in trials):
             return "start"
         covered = {
@@ -897,9 +1026,16 @@ class _Driver:
             if t.state.is_finished() and "grid_id" in t.system_attrs
             and _same_grid(t.system_attrs.get("search_space"), self.grid)
         }
-        if len(covered) + self.in_flight < self.grid_size:
+        if len(covered) + running < self.grid_size:
             return "start"
         return "stop" if len(covered) >= self.grid_size else "wait"
+
+    def _watched(self, trial: optuna.trial.FrozenTrial) -> bool:
+        """Whether a RUNNING trial counts as in flight: its death would be noticed."""
+        if self.heartbeat:
+            return True
+        worker = trial.user_attrs.get("worker")
+        return isinstance(worker, dict) and worker.get("host") == self.host
 
     def _after_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         from optuna.trial import TrialState
@@ -974,7 +1110,8 @@ def tune(
 
     recorder = Recorder(results_dir, config.tracking_uri, table_name=TRIALS_TABLE_NAME)
     recorder.mark_orphans()
-    parent = _parent_run(recorder, config, url, dims)
+    gate = _Gate(storage, url, config.study_name)
+    parent = _parent_run(recorder, config, url, dims, gate)
 
     load_seconds = 0.0
     if splits is None:
@@ -994,11 +1131,13 @@ def tune(
             on_trial(summary, _counts(study_))
 
     grid = {d.name: list(d.choices) for d in dims} if config.resolved_sampler == "grid" else None
-    driver = _Driver(study, objective, [told], target, config, grid)
+    driver = _Driver(study, objective, [told], target, config, grid, gate,
+                     heartbeat=heartbeat is not None)
     logger.info("study %s: tuning %s on %s towards %d complete trials",
                 config.study_name, config.method, config.dataset, target)
     driver.run()
     reaped += fail_dead_trials(study, config.retry_dead)
+    _close_dead_runs(study, recorder, parent)
     stop_reason = _stop_reason(study, target, config, driver)
     outcome = _outcome(study, config, url, metrics, new_trials, stop_reason, reaped)
     outcome.parent_run_id = parent
@@ -1007,6 +1146,46 @@ def tune(
         outcome.best_params_path = _write_best(results_dir, outcome)
     _finish_parent(recorder, parent, outcome)
     return outcome
+
+
+def _close_dead_runs(study: optuna.Study, recorder: Recorder, parent: str) -> None:
+    """Mark FAILED (tag state=FAIL) the trial runs of FAIL trials that do not say so yet.
+
+    Those are trials failed for want of heartbeats, on any host: a worker that died leaves its
+    run RUNNING (`Recorder.mark_orphans` only sees this host's dead processes), or FINISHED
+    when it died between the run's end and the trial's; a live worker whose heartbeats were
+    late (see `_Driver._lost`) ended its run as if the trial had completed.
+    """
+    from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
+    from optuna.trial import TrialState
+
+    failed = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    if not failed:
+        return
+    client = recorder.client
+    experiment_id = client.get_run(parent).info.experiment_id
+    query = f"tags.kind = 'trial' and tags.mlflow.parentRunId = '{parent}'"
+    token = None
+    while True:
+        runs = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+        for run in runs:
+            trial = failed.get(int(run.data.tags.get("trial", "-1")))
+            if trial is None or (run.info.status == "FAILED"
+                                 and run.data.tags.get("state") == "FAIL"):
+                continue
+            reason = str(trial.user_attrs.get("fail_reason") or _NO_REASON)
+            try:
+                client.log_batch(run.info.run_id, tags=[RunTag("state", "FAIL"),
+                                                        RunTag("fail_reason", reason[:5000])])
+                client.set_terminated(run.info.run_id, "FAILED")
+            except MlflowException:
+                continue  # deleted meanwhile
+            logger.warning("trial %d: its MLflow run %s marked FAILED", trial.number,
+                           run.info.run_id)
+        token = runs.token
+        if not token:
+            return
 
 
 def _check_study(study: optuna.Study, config: TuneConfig, method: str,

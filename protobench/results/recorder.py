@@ -14,7 +14,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,8 @@ def _quiet_mlflow() -> None:
     # MLflow's SQLite store logs every schema migration at INFO on first use.
     for name in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # With a tracking server, MLflow writes two "View run at" lines to stdout per ended run.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class Recorder:
@@ -93,7 +95,10 @@ class Recorder:
 
     # The observer interface -------------------------------------------------------------
 
-    def run_started(self, info: RunInfo) -> str | None:
+    def run_started(
+        self, info: RunInfo, extra_tags: Mapping[str, str] | None = None
+    ) -> str | None:
+        """Create the run; `extra_tags` (e.g. a tuning trial's) are set in the same call."""
         experiment_id = self.experiment_id(info.dataset)
         tags = {
             "method": info.method,
@@ -101,6 +106,7 @@ class Recorder:
             "kind": "run",
             "host": socket.gethostname(),
             "pid": str(os.getpid()),
+            **(extra_tags or {}),
         }
         run = self.client.create_run(
             experiment_id, run_name=f"{info.method}-seed{info.repeat}", tags=tags
