@@ -318,13 +318,15 @@ def _print_summary(
     from protobench.results.summary import summarise_results
 
     summaries: list[MethodSummary] = summarise_results(results)
-    table = Table(title=f"{dataset}: test accuracy (mean ± std over seeds), medians of times")
+    table = Table(
+        title=f"{dataset}: test accuracy (mean ± std over seeds), median times, parameters",
+    )
     columns = ["method", "test acc", "val acc", "fit s"]
     if target is not None:
         columns.append(f"time to {100 * target:g}% s")
-    columns += ["trainable params", "stored params", "runs ok"]
+    columns += ["trainable", "stored", "runs ok"]
     for col in columns:
-        table.add_column(col, justify="left" if col == "method" else "right")
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for s in summaries:
         row = [s.method, _pct(s.test), _pct(s.val), _seconds(s.fit.median) if s.fit else "-"]
         if target is not None:
