@@ -155,3 +155,14 @@ def results_dir(tmp_path: Path, mlflow_template: Path) -> Path:
     folder.mkdir()
     shutil.copy(mlflow_template, folder / "mlflow.db")
     return folder
+
+
+@pytest.fixture
+def no_default_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any use of the default data sources (mirrors, PyPI) fail the test."""
+    from protobench.datasets import fetching
+
+    def refuse(spec: object) -> list[object]:
+        raise AssertionError(f"a test reached the default sources for {spec}")
+
+    monkeypatch.setattr(fetching, "default_sources", refuse)

@@ -24,7 +24,6 @@ from protobench.datasets import (
     catalog,
     default_data_dir,
     fetch,
-    fetching,
     idx,
     load_splits,
     store,
@@ -46,6 +45,9 @@ from protobench.errors import (
     DataIntegrityError,
     DataUnavailableError,
 )
+
+# Every test names its sources, so none can reach the real mirrors or PyPI.
+pytestmark = pytest.mark.usefixtures("no_default_sources")
 
 REPO = Path(__file__).resolve().parents[1]
 N_TRAIN = 120
@@ -110,16 +112,6 @@ class NeverSource:
 
     def provide(self, spec: RawSpec, names: Sequence[str], workdir: Path) -> dict[str, bytes]:
         raise AssertionError("a source was asked although the data folder had everything")
-
-
-@pytest.fixture(autouse=True)
-def no_default_sources(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test names its sources, so none can reach the real mirrors or PyPI."""
-
-    def refuse(spec: RawSpec) -> list[Source]:
-        raise AssertionError(f"a test reached the default sources for {spec.name}")
-
-    monkeypatch.setattr(fetching, "default_sources", refuse)
 
 
 @pytest.fixture

