@@ -544,7 +544,8 @@ def test_split_is_the_same_in_another_process() -> None:
     code = (
         "import hashlib, numpy as np; "
         "from protobench.datasets.splits import stratified_split; "
-        f"labels = np.random.default_rng(7).permutation(np.repeat(np.arange(10), {MNIST_TRAIN_COUNTS})); "  # noqa: E501
+        "labels = np.random.default_rng(7).permutation("
+        f"np.repeat(np.arange(10), {MNIST_TRAIN_COUNTS})); "
         "print(hashlib.sha256(stratified_split(labels, [5000], 0)[1].tobytes()).hexdigest())"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
