@@ -28,6 +28,7 @@ from protobench.harness.tuning import (
     open_storage,
     parse_fixed,
     parse_grid,
+    reap,
     search_space,
     storage_url,
     tune,
@@ -324,6 +325,32 @@ def test_heartbeat_fails_a_silent_running_trial(tunable: type[TunableScripted],
     time.sleep(3.5)  # the grace period is 2 heartbeats; SQLite's clock has whole seconds
     assert fail_dead_trials(study) == 1
     assert study.trials[0].state.name == "FAIL"
+
+
+def test_a_retry_left_waiting_once_the_study_is_full_is_closed_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    import optuna
+
+    study = optuna.create_study(storage=open_storage(storage_url(None, tmp_path)))
+    for x in (1.0, 2.0):
+        study.add_trial(optuna.trial.create_trial(
+            params={"x": x}, distributions={"x": optuna.distributions.FloatDistribution(0, 9)},
+            value=x))
+    retry = optuna.trial.create_trial(
+        params={"x": 3.0}, distributions={"x": optuna.distributions.FloatDistribution(0, 9)},
+        state=optuna.trial.TrialState.WAITING, system_attrs={"failed_trial": 0})
+    study.add_trial(retry)
+    study.enqueue_trial({"x": 4.0})  # a user's own queued trial is never touched
+
+    assert reap(study, retry_dead=1, target=3) == 0
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "WAITING", "WAITING"]
+
+    assert reap(study, retry_dead=1, target=2) == 0
+    closed, queued = study.trials[2], study.trials[3]
+    assert closed.state.name == "FAIL"
+    assert "retry of trial 0 that was not needed" in closed.user_attrs["fail_reason"]
+    assert queued.state.name == "WAITING"
 
 
 # Several processes -----------------------------------------------------------------------

@@ -586,6 +586,41 @@ def fail_dead_trials(study: optuna.Study, retry_dead: int = 0) -> int:
     return len(before & failed)
 
 
+def reap(study: optuna.Study, retry_dead: int, target: int) -> int:
+    """Fail the trials of dead workers, re-queueing them only while the study needs trials.
+
+    Once the study holds `target` COMPLETE trials, no worker starts another, so retries still
+    WAITING would stay so for ever: they are closed as FAIL, with the reason. Call it holding
+    the study's gate. Returns how many trials of dead workers it failed.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    short = _complete(study) < target
+    failed = fail_dead_trials(study, retry_dead if short else 0)
+    if short and _complete(study) < target:
+        return failed
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if "failed_trial" not in t.system_attrs:
+            continue  # queued by someone else (study.enqueue_trial): theirs to run
+        reason = (f"a retry of trial {t.system_attrs['failed_trial']} that was not needed: "
+                  f"the study reached its {target} complete trials first")
+        try:
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+            if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                logger.info("trial %d: %s", t.number, reason)
+        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            continue  # another worker took it or closed it first
+    return failed
+
+
+def _complete(study: optuna.Study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
 # Samplers and pruners --------------------------------------------------------------------
 
 
@@ -981,6 +1016,9 @@ class _Driver:
                     return False
             self.gate.acquire()
             try:
+                # Failing a dead worker's trial and re-queueing it happen under the gate, so
+                # that no worker sees the room the failure left before the retry is queued.
+                reap(self.study, self.config.retry_dead, self.target)
                 verdict = self._room()
             except BaseException:
                 self.gate.release()
@@ -994,8 +1032,7 @@ class _Driver:
                 self._stop()
                 return False
             # A trial in flight may yet fail or be pruned and leave room; one whose worker
-            # died is failed here (and re-queued) once its heartbeat is stale.
-            fail_dead_trials(self.study, self.config.retry_dead)
+            # died is failed at the next look (and re-queued) once its heartbeat is stale.
             with self._cond:
                 self._cond.wait(timeout=1.0)
 
@@ -1090,17 +1127,18 @@ def tune(
     metrics = OBJECTIVE_METRICS[config.objective]
     study = _open_study(storage, config.study_name, [d for _, d in metrics])
     _check_study(study, config, cls.name, [d for _, d in metrics])
-    reaped = fail_dead_trials(study, config.retry_dead)
-    study.sampler = _sampler(config, dims, len(study.get_trials(deepcopy=False)))
-    study.pruner = _pruner(config)
     target = config.trials or (
         math.prod(len(d.choices) for d in dims) if config.resolved_sampler == "grid"
         else DEFAULT_TRIALS
     )
+    gate = _Gate(storage, url, config.study_name)
+    with gate.held():
+        reaped = reap(study, config.retry_dead, target)
+    study.sampler = _sampler(config, dims, len(study.get_trials(deepcopy=False)))
+    study.pruner = _pruner(config)
 
     recorder = Recorder(results_dir, config.tracking_uri, table_name=TRIALS_TABLE_NAME)
     recorder.mark_orphans()
-    gate = _Gate(storage, url, config.study_name)
     parent = _parent_run(recorder, config, url, dims, gate)
 
     load_seconds = 0.0
@@ -1126,7 +1164,8 @@ def tune(
     logger.info("study %s: tuning %s on %s towards %d complete trials",
                 config.study_name, config.method, config.dataset, target)
     driver.run()
-    reaped += fail_dead_trials(study, config.retry_dead)
+    with gate.held():
+        reaped += reap(study, config.retry_dead, target)
     _close_dead_runs(study, recorder, parent)
     stop_reason = _stop_reason(study, target, config, driver)
     outcome = _outcome(study, config, url, metrics, new_trials, stop_reason, reaped)
