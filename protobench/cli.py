@@ -394,13 +394,16 @@ from protobench.harness import tuning as _tuning  # noqa: E402 - light: no optun
 @click.option("--epochs", type=int, default=None,
               help="Epochs of an iterative method (fixed, not tuned).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--threads", type=int, default=None,
+              help="Torch threads of each trial [default: the cores / --n-jobs]; lower it "
+                   "when other workers share this machine.")
 def tune_cmd(
     method: str, dataset: str, trials: int | None, timeout: float | None, objective: str,
     study_name: str | None, storage: str | None, n_jobs: int, seed: int,
     assignments: Sequence[str], grid_items: Sequence[str], sampler: str | None,
     pruner: str | None, no_prune: bool, max_failures: int, heartbeat: int,
     data_dir: Path | None, results_dir: Path, tracking_uri: str | None, epochs: int | None,
-    device: str,
+    device: str, threads: int | None,
 ) -> None:
     """Tune a method's hyperparameters with Optuna on the validation split.
 
@@ -420,7 +423,7 @@ def tune_cmd(
             grid=_tuning.parse_grid(method, grid_items), sampler=sampler,
             pruner="none" if no_prune else pruner, max_failures=max_failures,
             results_dir=results_dir, data_dir=data_dir, tracking_uri=tracking_uri,
-            epochs=epochs, device=device, heartbeat=heartbeat,
+            epochs=epochs, device=device, heartbeat=heartbeat, threads=threads,
         )
         for note in config.notes():
             err.print(f"note: {note}", highlight=False)
@@ -513,11 +516,14 @@ def _print_tune_outcome(console: Console, outcome: Any) -> None:
               help="Folder for the report [default: RESULTS/report].")
 @click.option("--format", "report_formats", default="png,svg,html,md,csv",
               show_default=True, help="Comma-separated outputs: png, svg, html, md, csv.")
+@click.option("--embedding", "report_embedding", default="pca", show_default=True,
+              help="2-D map of the prototype pictures: pca or tsne (slower).")
 def report_cmd(
     datasets: Sequence[str], report_results_dir: Path, report_tracking_uri: str | None,
-    report_out: Path | None, report_formats: str,
+    report_out: Path | None, report_formats: str, report_embedding: str,
 ) -> None:
-    """Plots (accuracy vs fit time and size, time to accuracy), tables and one HTML page."""
+    """Plots (accuracy vs fit time and size, time to accuracy, and where recorded conditioning,
+    prototype pictures and grid-study heat maps), tables and one HTML page."""
     from protobench.results.recorder import tracking_uri_for
     from protobench.results.report import HTML_NAME, build_report, parse_formats
 
@@ -526,7 +532,7 @@ def report_cmd(
         formats = parse_formats(report_formats)
         uri = tracking_uri_for(report_results_dir.expanduser().resolve(), report_tracking_uri)
         out = report_out if report_out is not None else report_results_dir / "report"
-        paths = build_report(uri, out, names or None, formats)
+        paths = build_report(uri, out, names or None, formats, report_embedding)
     for path in paths:
         click.echo(str(path))
     page = [p for p in paths if p.name == HTML_NAME]

@@ -2,8 +2,10 @@
 
 One real local MLflow store is seeded once for the module, through the real Recorder: runs of
 a method named 'proto+x' with a 7,000-character parameter, a FAILED run, a run whose test
-accuracy is NaN, a run that never reaches its target, a tuning study with a trial, and runs with
-known values written as RunResults.
+accuracy is NaN, a run that never reaches its target, a tuning study with a trial, runs with
+known values written as RunResults, and on a tiny 28x28 data set ('pix') a real two-layer
+proto-pinv-h run and a real 2 x 2 grid study of proto-pinv-h (`tune` with the grid sampler),
+whose conditioning curves, prototype pictures and heat map the report draws.
 """
 
 from __future__ import annotations
@@ -33,16 +35,21 @@ from protobench.errors import ResultsError
 from protobench.harness import registry
 from protobench.harness.params import HyperParam
 from protobench.harness.runner import RunConfig, RunInfo, RunResult, plan_runs, run_benchmark
+from protobench.harness.tuning import TuneConfig, parse_grid, tune
 from protobench.protocols.timing import CurvePoint
 from protobench.results.pareto import pareto_front
 from protobench.results.recorder import Recorder
 from tests.conftest import ScriptedMethod, make_split
+from tests.pixel_data import pixel_splits
 
 LONG_VALUE = "".join(random.Random(7).choice("abcdefghij") for _ in range(7000))
 ENV = {"cpu_model": "Test CPU 9000", "cpu_cores": "8", "device": "cpu", "threads": "8",
        "torch": "2.14.1", "cuda": "none", "gpu_name": "none", "git_commit": "0123abcd",
        "python": "3.11", "platform": "Linux", "blas": "blas=mkl", "protobench": "0.1.0",
        "matmul_precision": "highest"}
+# proto-pinv-h small enough for a test; two hidden layers, so that two Hp matrices are watched.
+PROTO = {"n_prototypes": 12, "hidden": 24, "proj_dim": 16, "epochs": 3, "batch_size": 80}
+GRID = ["lam1=0.001,0.01", "lr=0.01,0.03"]
 CHROMIUM = shutil.which("chromium") or (
     "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
 )
@@ -68,6 +75,8 @@ class Store:
     trial_id: str
     study_id: str
     known: RunResult
+    proto: RunResult
+    grid_study_id: str
 
 
 def _known_run(recorder: Recorder, method: str, dataset: str, repeat: int, acc: float,
@@ -126,8 +135,21 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     finally:
         registry.unregister(PlusMethod.name)
         registry.unregister(ScriptedMethod.name)
+    # Real proto-pinv-h records: a run with its pictures and a grid study. One thread: on a
+    # small shared machine, two threads that contend make the 784 x 784 PCA ten times slower.
+    pix = pixel_splits()
+    [proto] = run_benchmark(
+        plan_runs(["proto-pinv-h"], RunConfig("pix", device="cpu", threads=1),
+                  {"proto-pinv-h": {**PROTO, "depth": 2}}),
+        observers=[recorder], splits=pix)
+    assert proto.status == "FINISHED", proto.error
+    outcome = tune(TuneConfig(method="proto-pinv-h", dataset="pix", results_dir=results,
+                              grid=parse_grid("proto-pinv-h", GRID), sampler="grid",
+                              pruner="none", device="cpu", threads=1,
+                              fixed={k: str(v) for k, v in PROTO.items()}), splits=pix)
+    assert outcome.counts == {"COMPLETE": 4}
     yield Store(results, recorder.tracking_uri, plus, failed, nan_run, unreached,
-                trial.run_id, study.info.run_id, known)
+                trial.run_id, study.info.run_id, known, proto, outcome.parent_run_id)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +168,8 @@ def test_table_has_one_row_per_ended_run_with_the_recorded_values(store: Store) 
     from protobench.results.records import load_runs
 
     runs = load_runs(store.uri)
-    assert len(runs) == 10  # 2 proto+x, failed, NaN, unreached, study, trial, 3 known
+    # 2 proto+x, failed, NaN, unreached, study, trial, 3 known; pix: a run, a study, 4 trials
+    assert len(runs) == 16
     assert runs["run_id"].is_unique
 
     plus = runs[runs["method"] == "proto+x"].sort_values("repeat")
@@ -196,7 +219,7 @@ def test_table_filters_data_sets_and_reads_curves(store: Store) -> None:
     assert curves["step"].tolist() == [1, 2, 3]
     assert curves["fit_seconds"].tolist() == pytest.approx([2.5 / 3, 5 / 3, 2.5])
     assert curves["val_accuracy"].tolist() == pytest.approx([0.6125, 0.7125, 0.8125])
-    with pytest.raises(NoRunsError, match="no runs for data set 'cifar'.*other, tiny"):
+    with pytest.raises(NoRunsError, match="no runs for data set 'cifar'.*other, pix, tiny"):
         load_runs(store.uri, ["cifar"])
 
 
@@ -334,11 +357,68 @@ def test_bench_report_writes_every_format(store: Store, report_dir: Path) -> Non
     runs_csv = (report_dir / "runs.csv").read_text()
     assert LONG_VALUE in runs_csv
     page = (report_dir / "report.html").read_text()
-    assert page.count("<svg") == 6 and "Test CPU 9000" in page and "0123abcd" in page
-    # Self-contained: nothing is fetched, neither scripts nor styles nor images.
+    # 3 plots for each of tiny, other and pix; pix adds conditioning, 2 prototype pictures
+    # and a heat map.
+    assert page.count("<svg") == 13 and "Test CPU 9000" in page and "0123abcd" in page
+    # Self-contained: nothing is fetched, neither scripts nor styles nor images (the pixel
+    # pictures travel inside their SVG as data URIs).
     refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
-    assert all(ref.startswith("#") for ref in refs), refs
+    assert all(ref.startswith(("#", "data:image/png;base64,")) for ref in refs), refs
     assert "<link" not in page and "url(http" not in page and "@import" not in page
+
+
+def test_report_looks_inside_proto_pinv_runs_and_grid_studies(store: Store,
+                                                             report_dir: Path) -> None:
+    from protobench.results.records import load_runs, load_step_metrics
+
+    proto_id = store.proto.run_id
+    assert proto_id is not None
+    stem = f"pix_{{}}_proto-pinv-h_{proto_id[:8]}"
+    study = "pix_sensitivity_proto-pinv-h-pix-accuracy"
+    for name in (stem.format("conditioning"), stem.format("prototypes"),
+                 stem.format("embedding"), study):
+        png = (report_dir / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 20_000, name
+        assert "</svg>" in (report_dir / f"{name}.svg").read_text()
+
+    # Conditioning: what the method measured each epoch, read back from the step metrics.
+    keys = [f"diag_{k}_{m}" for k in ("cond", "sigma_min") for m in ("Xp", "Hp1", "Hp2")]
+    steps = load_step_metrics(store.uri, [proto_id], keys)
+    measured = {(f"diag_{key}", epoch): value for epoch, diag in store.proto.step_diagnostics
+                for key, value in diag.items() if f"diag_{key}" in keys}
+    assert len(measured) == 18  # 6 series over 3 epochs
+    assert {(k, s): v for k, s, v in zip(steps["key"], steps["step"], steps["value"],
+                                         strict=True)} == pytest.approx(measured)
+    svg = (report_dir / f"{stem.format('conditioning')}.svg").read_text()
+    for text in ("Xp (input prototypes)", "[1, act(Hp2)] (hidden layer 2)", "epoch",
+                 "validation accuracy (%)", "condition number σmax/σmin"):
+        assert text in svg, text
+
+    # The heat map: one cell per grid point, annotated with its trial's accuracy.
+    runs = load_runs(store.uri, ["pix"])
+    trials = runs[runs["parent_run_id"] == store.grid_study_id]
+    assert len(trials) == 4 and set(trials["trial_state"]) == {"COMPLETE"}
+    # Pictures are kept with runs, not with tuning trials (megabytes each, never drawn).
+    proto_run = runs[runs["run_id"] == proto_id].iloc[0]
+    assert "prototypes.npz" in str(proto_run["inspection_artifacts"])
+    assert not trials["inspection_artifacts"].fillna("").astype(bool).any()
+    assert sorted(zip(trials["hp.lam1"], trials["hp.lr"], strict=True)) == [
+        (0.001, 0.01), (0.001, 0.03), (0.01, 0.01), (0.01, 0.03)]
+    svg = (report_dir / f"{study}.svg").read_text()
+    for acc in trials["val_accuracy"]:
+        assert f">{100 * acc:.1f}<" in svg or f"> {100 * acc:.1f}<" in svg, acc
+    for text in ("lam1", "lr", "0.001", "0.03", "validation accuracy (%)"):
+        assert text in svg, text
+
+    page = (report_dir / "report.html").read_text()
+    for heading in ("Conditioning over training", "Prototypes before and after training",
+                    "Sensitivity: grid studies"):
+        assert f"<h3>{heading}</h3>" in page
+    assert f'id="pix-{stem.format("prototypes")[4:]}"' in page
+
+    bad = CliRunner().invoke(main, ["report", "--results", str(store.results), "--embedding",
+                                    "umap"])
+    assert bad.exit_code == 2 and "embedding must be one of pca, tsne, got 'umap'" in bad.output
 
 
 def test_report_formats_and_data_set_selection(store: Store, tmp_path: Path) -> None:
@@ -403,8 +483,9 @@ def test_html_report_renders_in_a_headless_browser(report_dir: Path, tmp_path: P
     dom, messages = _browser(page, tmp_path / "profile", "--dump-dom")
     assert messages == []
     assert 'data-ready="1"' in dom  # the page's script ran to its end
-    assert dom.count("<svg") == 6 and dom.count('class="hover"') > 10
+    assert dom.count("<svg") == 13 and dom.count('class="hover"') > 10
     assert '<section id="ds-tiny">' in dom and '<section id="ds-other">' in dom
+    assert '<section id="ds-pix">' in dom and "Sensitivity: grid studies" in dom
     assert "proto+x" in dom and 'class="sortable"' in dom
     shot = tmp_path / "shot.png"
     _dom, messages = _browser(page, tmp_path / "profile", f"--screenshot={shot}")

@@ -17,6 +17,8 @@ from protobench.harness.params import HyperParam, resolve_params
 if TYPE_CHECKING:
     import torch
 
+    from protobench.harness.artifacts import Artifact
+
 
 @dataclass(frozen=True)
 class FitData:
@@ -106,4 +108,12 @@ class Method(ABC):
 
     def summary_diagnostics(self) -> dict[str, float]:
         """Final figures the method wants recorded with the run (e.g. worst condition number)."""
+        return {}
+
+    def artifacts(self, data: FitData) -> Mapping[str, Artifact]:
+        """Pictures and arrays to keep with the run (see `protobench.harness.artifacts`).
+
+        Called once the run is scored, with every clock stopped and the peak memory read, so
+        drawing costs the run nothing it reports. `data` is the training data of the fit.
+        """
         return {}

@@ -3,7 +3,10 @@
 The runner asks the data set for its splits, starts the protocol's clock, hands the plugin a
 context whose checkpoint pauses that clock to evaluate, and passes what was measured to its
 observers (the recorder, the progress display). A plugin that raises, or that returns scores of
-the wrong shape or non-finite scores, yields a FAILED result; the next method still runs.
+the wrong shape or non-finite scores, yields a FAILED result; the next method still runs. Once a
+run is scored and its peak memory read, the plugin's inspection artifacts (`Method.artifacts`)
+are encoded into files for the recorder, outside every timed phase; a failure there is logged
+and kept in `RunResult.artifact_error`, never fatal.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ class RunConfig:
     threads: int | None = None
     eval_batch: int = 10_000
     score_test: bool = True
+    # Keep the plugin's inspection artifacts (`Method.artifacts`) with each run; tuning trials
+    # do not (megabytes per trial, and no report draws them).
+    keep_artifacts: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -110,6 +116,9 @@ class RunResult:
     step_diagnostics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
     run_id: str | None = None
+    # {file name: bytes} of the method's inspection artifacts; why none, if they failed.
+    artifacts: dict[str, bytes] = field(default_factory=dict)
+    artifact_error: str = ""
 
     @property
     def fit_seconds(self) -> float:
@@ -244,9 +253,12 @@ def run_one(
         with pinned_numerics(info.config.threads):
             result.environment = environment_record(device)
             reset_peak(device)
-            _fit_and_score(info, splits, device, clock, phases, result, obs)
+            method, data = _fit_and_score(info, splits, device, clock, phases, result, obs)
             result.peak_memory_mb = peak_megabytes(device)
             result.memory_kind = peak_kind(device)
+            # Untimed and after the peak memory is read: pictures cost the run nothing.
+            if info.config.keep_artifacts:
+                _collect_artifacts(method, data, result)
     except KeyboardInterrupt:
         result.status, result.error = KILLED, "interrupted by the user"
         result.phases = dict(phases.seconds)
@@ -270,7 +282,7 @@ def _fit_and_score(
     phases: PhaseTimes,
     result: RunResult,
     obs: _Observers,
-) -> None:
+) -> tuple[Method, FitData]:
     cfg = info.config
     k = splits.n_classes
 
@@ -336,6 +348,20 @@ def _fit_and_score(
             result.test_accuracy = evaluate(method, test, device, cfg.eval_batch, k)
         seconds = phases.seconds["inference"]
         result.inference_throughput = len(test) / seconds if seconds > 0 else math.inf
+    return method, data
+
+
+def _collect_artifacts(method: Method, data: FitData, result: RunResult) -> None:
+    """The method's inspection artifacts as files; a failure is logged, never fatal."""
+    from protobench.harness.artifacts import encode_artifacts
+
+    try:
+        result.artifacts = encode_artifacts(method.artifacts(data))
+    except Exception as exc:  # a picture that cannot be drawn must not fail a scored run
+        result.artifact_error = f"{type(exc).__name__}: {exc}"
+        logger.warning("run %s: inspection artifacts not kept: %s", result.info.method,
+                       result.artifact_error)
+        logger.debug("traceback:\n%s", traceback.format_exc())
 
 
 def plan_runs(

@@ -119,6 +119,7 @@ class TuneConfig:
             _check_choice("--pruner", self.pruner, PRUNERS)
         _check_at_least("--trials", self.trials, 1)
         _check_at_least("--n-jobs", self.n_jobs, 1)
+        _check_at_least("--threads", self.threads, 1)
         _check_at_least("--heartbeat", self.heartbeat, 1)
         _check_at_least("--max-failures", self.max_failures, 1)
         _check_at_least("--prune-startup-trials", self.prune_startup_trials, 0)
@@ -1119,6 +1120,7 @@ def tune(
     run_config = RunConfig(
         dataset=config.dataset, device=config.device, base_seed=config.seed,
         epochs=config.epochs, eval_every=config.eval_every, threads=threads, score_test=False,
+        keep_artifacts=False,
     )
     results_dir = prepare_results_dir(config.results_dir)
     url = storage_url(config.storage, results_dir)

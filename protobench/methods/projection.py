@@ -16,6 +16,14 @@ C = Xc^T Xc (d, d) and S = Xc^T Yc (d, k), never on the rows, so its cost does n
 The scores t = Xc r of different steps are uncorrelated. PLS can extract at most rank(Xc)
 directions: asking for more yields only those (logged), as a projection never widens its input;
 training inputs with no variance at all are refused with a ConfigError.
+
+Inverse map (`Projection.inverse`, for pictures of points that live in the projected space):
+    x = mean + z (P^T P)^-1 P^T
+the minimum-norm x - mean with (x - mean) P = z, so that apply(inverse(z)) = z. For PCA,
+P^T P = I and this is the PCA reconstruction z P^T + mean. For PLS it is the least-squares
+inverse through the weights: inverse(apply(x)) is mean + the orthogonal projection of x - mean
+onto span(P), not SIMPLS's own reconstruction through its X-loadings (which the fitted
+projection does not keep).
 """
 
 from __future__ import annotations
@@ -64,6 +72,23 @@ class Projection:
 
         # (X - mean) P = X P - mean P
         return torch.addmm(self.offset, X, self.components)
+
+    def inverse(self, Z: torch.Tensor) -> torch.Tensor:
+        """Map projected rows Z (N, d') back to input space (N, d); see the module's notes."""
+        if self.components is None or self.mean is None:
+            return Z
+        import torch
+
+        if Z.ndim != 2 or Z.shape[1] != self.components.shape[1]:
+            raise ValueError(
+                f"Z must have shape (N, {self.components.shape[1]}) to invert a {self.kind} "
+                f"projection, got {tuple(Z.shape)}"
+            )
+        # x = mean + z (P^T P)^-1 P^T, the Gram inverse formed in float64
+        P64 = self.components.double()
+        back = torch.linalg.solve(P64.T @ P64, P64.T)  # (d', d)
+        out = torch.addmm(self.mean.to(Z.device, torch.float64), Z.double(), back.to(Z.device))
+        return out.to(Z.dtype)
 
     def stored_values(self) -> int:
         """Values inference keeps: the mean and the components."""

@@ -607,19 +607,22 @@ class ProtoPinvH(Method):
         if self._Xt is None:
             self.prepare(data, ctx)
         Xp, Yp, Xt, y = self._require_prepared()
+        self._keep_start_prototypes()
         p = self.params
         n = int(Xt.shape[0])
         rows = self._batch_size(n)
         steps = -(-n // rows)
         epochs = int(p["epochs"])
-        groups: list[dict[str, Any]] = [
-            {"params": [Xp], "weight_decay": p["wd_xp"]},
-            {"params": [Yp], "weight_decay": p["wd_yp"]},
-        ]
+        decays: dict[float, list[torch.Tensor]] = {}
+        decays.setdefault(float(p["wd_xp"]), []).append(Xp)
+        decays.setdefault(float(p["wd_yp"]), []).append(Yp)
         if self.train_hidden:
-            groups.append({"params": list(self.Hp), "weight_decay": p["wd_hp"]})
+            decays.setdefault(float(p["wd_hp"]), []).extend(self.Hp)
         if self.rho is not None:
-            groups.append({"params": [self.rho], "weight_decay": 0.0})
+            decays.setdefault(0.0, []).append(self.rho)
+        # One parameter group per distinct weight decay: the fused step costs one kernel per
+        # group, so equal decays (all 0 by default) share a group.
+        groups = [{"params": ts, "weight_decay": wd} for wd, ts in decays.items()]
         opt = torch.optim.AdamW(groups, lr=p["lr"], fused=True)
         sched = _make_schedule(opt, p["schedule"], p["lr"], epochs * steps, p["warmup_frac"])
         gen = ctx.generator("shuffle")
@@ -742,6 +745,23 @@ class ProtoPinvH(Method):
         out.update({f"worst_{key}": value for key, value in self._worst.items()})
         out["epochs_run"] = float(self.epochs_run)
         return out
+
+    # -- inspection (pictures kept with the run; see proto_pinv_pictures) ---------------------
+
+    _start_prototypes: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _keep_start_prototypes(self) -> None:
+        """Copy Xp and Yp as the fit starts them (two small device copies, no sync)."""
+        Xp, Yp, _, _ = self._require_prepared()
+        self._start_prototypes = (Xp.detach().clone(), Yp.detach().clone())
+
+    def artifacts(self, data: FitData) -> dict[str, Any]:
+        """The prototypes before and after training: arrays, pixel grid and 2-D map."""
+        from protobench.methods.proto_pinv_pictures import prototype_artifacts
+
+        end = None if self.Xp is None or self.Yp is None else (self.Xp, self.Yp)
+        return prototype_artifacts(self.name, self.projection, self._start_prototypes, end,
+                                   data, self.epochs_run)
 
 
 class ProtoPinv(ProtoPinvH):

@@ -189,7 +189,29 @@ class Recorder:
                              "environment.json")
         if long_params:
             self.client.log_text(run_id, json.dumps(long_params, indent=2), "params.json")
+        self._log_artifacts(run_id, result)
         self.client.set_terminated(run_id, result.status)
+
+    def _log_artifacts(self, run_id: str, result: RunResult) -> None:
+        """The method's inspection files under `inspection/`, listed in a tag; a store that
+        refuses them costs the pictures, never the run's record."""
+        import tempfile
+
+        from protobench.harness.artifacts import ARTIFACT_DIR, ARTIFACTS_TAG
+
+        error = result.artifact_error
+        if result.artifacts:
+            try:
+                with tempfile.TemporaryDirectory(prefix="protobench-artifacts-") as tmp:
+                    for name, data in result.artifacts.items():
+                        (Path(tmp) / name).write_bytes(data)
+                    self.client.log_artifacts(run_id, tmp, ARTIFACT_DIR)
+                self.client.set_tag(run_id, ARTIFACTS_TAG, ",".join(sorted(result.artifacts)))
+            except Exception as exc:
+                error = f"cannot store them: {type(exc).__name__}: {exc}"
+                logger.warning("run %s: inspection artifacts not stored: %s", run_id, error)
+        if error:
+            self.client.set_tag(run_id, "artifact_error", error[:5000])
 
     def mark_orphans(self) -> int:
         """Mark FAILED the RUNNING runs of this host whose process no longer exists."""

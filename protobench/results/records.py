@@ -3,9 +3,10 @@
 Everything here reads MLflow records only (runs, their tags, params, metrics and artifacts),
 never live harness objects, so the same code serves a local SQLite store and a tracking
 server. The recorder's format is the contract: experiments `protobench-<dataset>`, tags
-`method`, `dataset`, `kind`, `status`, `error`, `env.*` and `non_finite_metrics`, params
-`hp.*` plus the invocation's rules, scalar metrics, and the step metrics of the
-validation curve.
+`method`, `dataset`, `kind`, `status`, `error`, `env.*`, `non_finite_metrics`, a tuning
+trial's `state` and the list of `inspection/` artifacts, params `hp.*` plus the invocation's
+rules (and a study's `search.*`), scalar metrics, and the step metrics of the validation curve
+and of the methods' diagnostics (`diag_*` at each epoch).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from protobench.errors import ResultsError
+from protobench.harness.artifacts import ARTIFACT_DIR, ARTIFACTS_TAG
 from protobench.results.names import mlflow_key
 from protobench.results.recorder import TRUNCATION_MARK
 
@@ -52,7 +54,7 @@ BASE_COLUMNS: tuple[str, ...] = (
     "time_evaluation_s", "time_inference_s",
     "target", "time_to_target_s", "target_reached",
     "trainable_params", "stored_params", "inference_throughput", "peak_memory_mb",
-    "cut_by_budget", "non_finite_metrics",
+    "cut_by_budget", "non_finite_metrics", "trial_state", "inspection_artifacts",
     "epochs", "time_budget", "eval_every", "threads", "eval_batch",
     "start_time", "end_time", "host", "experiment_id",
 )
@@ -254,6 +256,8 @@ def _row(run: Run, dataset: str, long_values: dict[str, str]) -> dict[str, Any]:
         "device": tags.get("env.device") or params.get("device", ""),
         "cut_by_budget": tags.get("cut_by_budget", "false") == "true",
         "non_finite_metrics": ",".join(non_finite),
+        "trial_state": tags.get("state", ""),
+        "inspection_artifacts": tags.get(ARTIFACTS_TAG, ""),
         "host": tags.get("host", ""),
         "experiment_id": str(run.info.experiment_id),
         "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True)
@@ -264,7 +268,7 @@ def _row(run: Run, dataset: str, long_values: dict[str, str]) -> dict[str, Any]:
     for key in _RULE_PARAMS:
         row[key] = _number(params.get(key))
     for key, value in params.items():
-        if key.startswith("hp."):
+        if key.startswith(("hp.", "search.")):
             row[key] = value
     for key, number in metrics.items():
         if key not in CURVE_METRICS:
@@ -300,7 +304,8 @@ def _typed_hp(series: pd.Series) -> pd.Series:
 
 
 _TEXT_COLUMNS = ("run_id", "run_name", "dataset", "method", "kind", "parent_run_id",
-                 "status", "error", "device", "non_finite_metrics", "host", "experiment_id")
+                 "status", "error", "device", "non_finite_metrics", "trial_state",
+                 "inspection_artifacts", "host", "experiment_id")
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -312,10 +317,12 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         if col not in frame.columns:
             frame[col] = None
     hp = sorted(c for c in frame.columns if c.startswith("hp."))
+    search = sorted(c for c in frame.columns if c.startswith("search."))
     diag = sorted(c for c in frame.columns if c.startswith("diag_"))
     env = sorted(c for c in frame.columns if c.startswith("env."))
-    rest = sorted(set(frame.columns) - set(BASE_COLUMNS) - set(hp) - set(diag) - set(env))
-    frame = frame[list(BASE_COLUMNS) + hp + rest + diag + env].copy()
+    rest = sorted(set(frame.columns) - set(BASE_COLUMNS) - set(hp) - set(search) - set(diag)
+                  - set(env))
+    frame = frame[list(BASE_COLUMNS) + hp + search + rest + diag + env].copy()
     for col in _INT_COLUMNS:
         frame[col] = _to_int64(frame[col])
     for col in hp:
@@ -324,9 +331,10 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         frame[col] = pd.to_datetime(frame[col], utc=True)
     frame["target_reached"] = frame["target_reached"].astype("boolean")
     frame["cut_by_budget"] = frame["cut_by_budget"].fillna(False).astype(bool)
-    for col in (*_TEXT_COLUMNS, *env):
+    for col in (*_TEXT_COLUMNS, *search, *env):
         frame[col] = frame[col].fillna("").astype(str)
-    numeric = set(frame.columns) - set(_INT_COLUMNS) - set(hp) - set(env) - set(_TEXT_COLUMNS)
+    numeric = set(frame.columns) - set(_INT_COLUMNS) - set(hp) - set(search) - set(env)
+    numeric -= set(_TEXT_COLUMNS)
     numeric -= {"start_time", "end_time", "target_reached", "cut_by_budget"}
     for col in sorted(numeric):
         frame[col] = pd.to_numeric(frame[col], errors="coerce").astype(float)
@@ -340,7 +348,9 @@ def load_runs(tracking_uri: str, datasets: Iterable[str] | None = None) -> pd.Da
     trial with its `parent_run_id`, "study" for a tuning parent -- `status`, `error`,
     `seed`, ...), the run rules (`target`, `epochs`, ...), every hyperparameter as `hp.<name>`
     (typed where all values parse), the scalar metrics (`test_accuracy`, `time_fit_s`,
-    `trainable_params`, ...), `diag_*` and the environment as `env.<field>`. Metrics the
+    `trainable_params`, ...), `diag_*`, a study's searched ranges as `search.<name>`, a
+    trial's Optuna `trial_state` (COMPLETE, PRUNED, FAIL), the comma-separated file names
+    of the run's `inspection_artifacts`, and the environment as `env.<field>`. Metrics the
     recorder flagged non-finite are NaN (an unreached target's `time_to_target_s` is +inf,
     with `target_reached` false). Parameter values the recorder shortened are restored
     whole from the run's params.json. FAILED and KILLED runs are rows like the others:
@@ -396,3 +406,35 @@ def load_curves(tracking_uri: str, run_ids: Iterable[str]) -> pd.DataFrame:
             rows.append({"run_id": run_id, "step": step, "fit_seconds": seconds[step],
                          "val_accuracy": accuracy[step]})
     return pd.DataFrame(rows, columns=["run_id", "step", "fit_seconds", "val_accuracy"])
+
+
+def load_step_metrics(tracking_uri: str, run_ids: Iterable[str], keys: Iterable[str]
+                      ) -> pd.DataFrame:
+    """Step metrics `keys` of `run_ids` in long form: run_id, key, step, value.
+
+    Only steps >= 1 are read: a step metric's step is the epoch it was measured after, while
+    the recorder logs a run's final scalar figures (e.g. `diag_cond_Xp`) at step 0. A key a
+    run never logged gives no rows.
+    """
+    import pandas as pd
+
+    client = open_store(tracking_uri)
+    wanted = list(dict.fromkeys(keys))
+    rows: list[dict[str, Any]] = []
+    for run_id in run_ids:
+        for key in wanted:
+            history = _store_call(tracking_uri, "read step metrics", client.get_metric_history,
+                                  run_id, key)
+            steps = {int(m.step): float(m.value) for m in history if int(m.step) >= 1}
+            rows += [{"run_id": run_id, "key": key, "step": step, "value": value}
+                     for step, value in sorted(steps.items())]
+    return pd.DataFrame(rows, columns=["run_id", "key", "step", "value"])
+
+
+def load_inspection_artifact(tracking_uri: str, run_id: str, name: str) -> bytes:
+    """The bytes of the run's `inspection/<name>` artifact; ResultsError if it is unreadable."""
+    client = open_store(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="protobench-inspect-") as tmp, _no_progress_bar():
+        path = _store_call(tracking_uri, f"read the artifact {ARTIFACT_DIR}/{name}",
+                           client.download_artifacts, run_id, f"{ARTIFACT_DIR}/{name}", tmp)
+        return Path(path).read_bytes()

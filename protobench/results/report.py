@@ -4,6 +4,8 @@
 any store, local or remote, long after the runs. Per data set it writes static plots (PNG,
 SVG), a Markdown and a CSV table of per-method aggregates, and one self-contained HTML page
 that embeds every plot as inline SVG whose points name their run's hyperparameters on hover.
+Where the records hold them, it adds the figures of `protobench.results.inspection`:
+conditioning over training, prototype pictures and grid-study heat maps.
 
 Per-method aggregates and Pareto fronts use finished runs (kind "run") only; tuning trials are
 drawn faintly as what they are, and FAILED or KILLED runs are listed with their errors.
@@ -140,6 +142,7 @@ class _Figure:
     figure: Figure
     tooltips: dict[str, str] = field(default_factory=dict)
     svg: str = ""
+    group: str = ""  # the heading the HTML page shows it under ("": the section's own plots)
 
 
 @dataclass
@@ -798,7 +801,11 @@ def _html_section(section: _Section) -> str:
              "<h3>Per-method aggregates</h3>"]
     header, rows = _summary_rows(section.aggregates, section.has_target)
     parts.append(_html_table(header, rows, "sortable"))
+    group = ""
     for fig in section.figures:
+        if fig.group != group:
+            group = fig.group
+            parts.append(f"<h3>{html.escape(group)}</h3>")
         parts.append(f'<figure id="{html.escape(section.stem)}-{fig.name}">'
                      f"{_inline_svg(fig.svg)}<figcaption>{html.escape(fig.caption)}"
                      "</figcaption></figure>")
@@ -882,19 +889,26 @@ def build_report(
     out_dir: Path,
     datasets: Sequence[str] | None = None,
     formats: Sequence[str] | str | None = None,
+    embedding: str = "pca",
 ) -> list[Path]:
     """Write the report of the runs in `tracking_uri` into `out_dir`; the paths written.
 
     `datasets`: the data sets to report (default: every one with runs). `formats`: any of
     png, svg, html, md, csv (default: all). Per data set `<name>_accuracy_vs_time`,
-    `<name>_accuracy_vs_params` and `<name>_time_to_accuracy` plots, `<name>_summary.md` and
-    `<name>_summary.csv`; then `runs.csv` (the whole tidy table) and `report.html`.
-    Raises NoRunsError / ResultsError for a store without such runs or one that cannot be
-    read, ConfigError for an unknown format.
+    `<name>_accuracy_vs_params` and `<name>_time_to_accuracy` plots; where recorded,
+    `<name>_conditioning_<method>_<run>` per run, `<name>_prototypes_<method>_<run>` and
+    `<name>_embedding_<method>_<run>` (a 2-D map by `embedding`: pca or tsne) per run that
+    kept its prototypes, and `<name>_sensitivity_<study>` per grid study; then
+    `<name>_summary.md`, `<name>_summary.csv`, `runs.csv` (the whole tidy table) and
+    `report.html`. Raises NoRunsError / ResultsError for a store without such runs or one
+    that cannot be read, ConfigError for an unknown format or embedding.
     """
+    from protobench.results.inspection import inspection_figures
+    from protobench.results.prototype_pictures import check_embedding
     from protobench.results.records import load_curves, load_runs
 
     wanted = parse_formats(formats)
+    check_embedding(embedding)
     runs = load_runs(tracking_uri, datasets)
     out_dir = Path(out_dir).expanduser()
     try:
@@ -912,6 +926,12 @@ def build_report(
     for dataset in order:
         subset = runs[runs["dataset"] == dataset].reset_index(drop=True)
         section = _section(dataset, subset, curves, styles)
+        if set(wanted) & {"png", "svg", "html"}:
+            section.figures += [
+                _Figure(name=f.name, title=f.title, caption=f.caption, figure=f.figure,
+                        group=f.group)
+                for f in inspection_figures(tracking_uri, subset, curves, dataset, embedding)
+            ]
         sections.append(section)
         written += _write_section(section, out_dir, wanted)
     if "csv" in wanted:
