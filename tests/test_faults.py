@@ -42,7 +42,9 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-unt
 def _mlflow_runs(results_dir: Path) -> list:  # type: ignore[type-arg]
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{results_dir / 'mlflow.db'}")
+    from protobench.results.names import sqlite_url
+
+    client = MlflowClient(sqlite_url(results_dir / "mlflow.db"))
     exps = [e.experiment_id for e in client.search_experiments()]
     return list(client.search_runs(exps))
 
@@ -108,6 +110,61 @@ def test_sigkill_leaves_a_whole_table_and_the_next_run_fails_the_orphan(
     assert orphan.data.tags["error"] == "orphaned: its process died"
 
 
+# A child that appends two rows, then dies by SIGKILL halfway through writing the third: every
+# file it opens in the table's folder from then on writes half of what it is given and kills
+# the process, whichever way the table code writes (in place, or beside it and renamed).
+KILLED_MID_WRITE = """
+import io, os, signal, sys
+from pathlib import Path
+from protobench.results.table import append_rows
+
+table = Path(sys.argv[1])
+append_rows(table, [{"run": 1, "payload": "a" * 5000}])
+append_rows(table, [{"run": 2, "payload": "b" * 5000}])
+real_open = io.open
+
+class DiesHalfway:
+    def __init__(self, handle):
+        self._handle = handle
+    def write(self, data):
+        self._handle.write(data[: len(data) // 2])
+        self._handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    def writelines(self, lines):
+        self.write("".join(lines))
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        return self._handle.__exit__(*exc)
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+def in_folder(file):
+    target = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else file
+    return Path(target).resolve().parent == table.parent.resolve()
+
+def dying_open(file, mode="r", *args, **kwargs):
+    handle = real_open(file, mode, *args, **kwargs)
+    return DiesHalfway(handle) if in_folder(file) and mode != "r" else handle
+
+io.open = __builtins__.open = dying_open
+append_rows(table, [{"run": 3, "payload": "c" * 5000}])
+"""
+
+
+def test_sigkill_mid_write_leaves_the_whole_previous_table(tmp_path: Path) -> None:
+    table = tmp_path / "results.csv"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    child = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(table)], env=env,
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert child.returncode == -signal.SIGKILL, child.stderr  # it did die while writing
+    text = table.read_text(encoding="utf-8")
+    assert text.endswith("\n")
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["run"], r["payload"]) for r in rows] == [("1", "a" * 5000), ("2", "b" * 5000)]
+
+
 @pytest.mark.slow
 def test_two_processes_share_one_results_folder(results_dir: Path) -> None:
     args = ["run", "--methods", "elm,rf-ridge,scripted", "--dataset", "digits",
@@ -124,10 +181,14 @@ def test_two_processes_share_one_results_folder(results_dir: Path) -> None:
     assert len({r["run_id"] for r in rows}) == 12
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_closed_form_solves_run_at_highest_matmul_precision(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, device: str
 ) -> None:
     import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device here; TF32 rounding exists only there")
 
     from protobench.datasets import load_splits
     from protobench.harness.runner import RunConfig, plan_runs, resolve_device, run_one
@@ -146,7 +207,7 @@ def test_closed_form_solves_run_at_highest_matmul_precision(
         splits = load_splits("digits")
         plans = plan_runs(["elm", "proto-pinv-h"], RunConfig("digits", epochs=1),
                           {"elm": {"hidden": 32}})
-        results = [run_one(p, splits, resolve_device("cpu")) for p in plans]
+        results = [run_one(p, splits, resolve_device(device)) for p in plans]
         assert torch.get_float32_matmul_precision() == "medium"  # restored afterwards
     finally:
         torch.set_float32_matmul_precision("highest")
@@ -158,7 +219,8 @@ def test_closed_form_solves_run_at_highest_matmul_precision(
 def test_paths_with_spaces_and_unicode_work(tmp_path: Path, mlflow_template: Path) -> None:
     import shutil
 
-    results = tmp_path / "résultats du banc ü"
+    # '?' and '%41' would start a query and an escape in an unquoted sqlite:/// URL.
+    results = tmp_path / "résultats du banc ü ?x %41"
     data = tmp_path / "données à lire"
     results.mkdir()
     shutil.copy(mlflow_template, results / "mlflow.db")
@@ -174,3 +236,36 @@ def test_paths_with_spaces_and_unicode_work(tmp_path: Path, mlflow_template: Pat
     assert done.returncode == 0, done.stderr
     assert (data / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
     assert [r["status"] for r in _rows(results)] == ["FINISHED"]
+    # The MLflow store is the one in that folder, not a copy under an escaped name.
+    assert [r.info.status for r in _mlflow_runs(results)] == ["FINISHED"]
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "message"),
+    [
+        ("plants_marker:Method", {}, "error: unknown method 'plants_marker:Method'; valid"),
+        ("elm", {"hidden": "__import__('plants_marker')"}, "error: elm.hidden must be"),
+    ],
+)
+def test_a_parameters_file_that_imports_is_refused_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, params: dict[str, str],
+    message: str,
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from protobench.cli import main
+
+    # A module that leaves a marker when imported, where an import would find it.
+    marker = tmp_path / "imported"
+    (tmp_path / "plants_marker.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hostile = tmp_path / "best.json"
+    hostile.write_text(json.dumps({"method": method, "params": params}))
+    results = tmp_path / "results"
+    out = CliRunner().invoke(main, ["run", "--methods", "elm", "--dataset", "digits",
+                                    "--params-from", str(hostile), "--results", str(results)])
+    assert out.exit_code == 2, out.output
+    assert out.output.startswith(message), out.output
+    assert not marker.exists() and not results.exists()

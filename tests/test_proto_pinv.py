@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -389,3 +390,110 @@ def test_singular_float32_prototypes_take_the_float64_retry() -> None:
                                                1e-12, activation="relu"), "relu")
     # The float64 reference solves systems of condition ~1e12 itself: good to ~1e-4.
     torch.testing.assert_close(logits.double(), ref, rtol=1e-3, atol=1e-3)
+
+
+# -- a nearly rank-deficient prototype matrix: rank 1 plus 1e-6 noise ---------------------------
+
+
+def rank_one_plus_noise(rows: int, cols: int, noise: float, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(rows, 1, generator=g, dtype=F64)
+    v = torch.rand(1, cols, generator=g, dtype=F64)
+    return u @ v + noise * torch.randn(rows, cols, generator=g, dtype=F64)
+
+
+@pytest.mark.parametrize("lam", [1e-2, 1e-4])  # the default, and the low end of the search range
+@pytest.mark.parametrize(("d", "h"), [(5, 4), (9, 8)])  # primal forms; dual and kernel forms
+def test_gradient_through_rank_one_plus_noise_matches_central_differences(
+    d: int, h: int, lam: float
+) -> None:
+    prob = tiny_problem(6, d, h, 3)
+    prob["Xp"] = rank_one_plus_noise(6, d, 1e-6)
+    sv = torch.linalg.svdvals(prob["Xp"])
+    assert float(sv[1] / sv[0]) < 1e-5  # rank 1 up to the noise
+
+    def loss(Xp: torch.Tensor, Hp: torch.Tensor, Yp: torch.Tensor) -> torch.Tensor:
+        out, _ = proto_loss(prob["X"], prob["y"], Xp, [Hp], Yp, lam, lam, lam3=0.05,
+                            activation="tanh")
+        return out
+
+    inputs = (prob["Xp"], prob["Hp"][0], prob["Yp"])
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    grads = torch.autograd.grad(loss(*leaves), leaves)
+    # The solves bend on the scale of lam (the smallest eigenvalue of G + lam I), so the step
+    # must be far below it; measured, the error is ~(eps / lam)^2 down to rounding at ~1e-9.
+    eps = 1e-3 * lam
+    for which, (t, grad) in enumerate(zip(inputs, grads, strict=True)):
+        assert bool(torch.isfinite(grad).all())
+        numeric = torch.empty_like(t)
+        for i in range(t.numel()):
+            step = torch.zeros_like(t).view(-1)
+            step[i] = eps
+            up, down = list(inputs), list(inputs)
+            up[which] = t + step.view_as(t)
+            down[which] = t - step.view_as(t)
+            numeric.view(-1)[i] = (loss(*up) - loss(*down)) / (2 * eps)
+        rel = float((grad - numeric).norm() / numeric.norm())
+        assert rel < 1e-4, (("Xp", "Hp", "Yp")[which], rel)
+
+
+@pytest.mark.parametrize("lam", [1e-2, 1e-12])
+def test_training_through_rank_deficient_prototypes_never_leaves_nan(lam: float) -> None:
+    data = fit_data(400)
+    method = ProtoPinvH({**SMALL, "epochs": 2, "lam1": lam, "lam2": lam})
+    ctx = RunContext(CPU, seed=0)
+    method.prepare(data, ctx)
+    assert method.Xp is not None and method.Yp is not None
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        # Every input prototype a multiple of the mean row, plus 1e-6 noise: rank 1 + noise.
+        u = torch.rand(method.Xp.shape[0], 1, generator=g, dtype=F64)
+        line = method.Xp.double().mean(0, keepdim=True)  # (1, d'+1)
+        noise = 1e-6 * torch.randn(method.Xp.shape, generator=g, dtype=F64)
+        method.Xp.copy_(u @ line + noise)
+    try:
+        method.fit(data, ctx)
+    except SolveError as exc:
+        # Refusing is allowed where float32 cannot resolve lam; leaving NaN behind is not.
+        assert lam < 1e-8, exc
+        assert "ridge system" in str(exc) and "increase the ridge strength" in str(exc), exc
+    else:
+        assert method.epochs_run == 2
+    for t in (method.Xp, method.Yp, *method.Hp):
+        assert bool(torch.isfinite(t).all())
+
+
+def _nan_gradient_on(method: ProtoPinvH, steps: int | None) -> None:
+    """Make the gradient of Xp NaN on the first `steps` backward passes (None: on all)."""
+    assert method.Xp is not None
+    seen = [0]
+
+    def poison(grad: torch.Tensor) -> torch.Tensor:
+        seen[0] += 1
+        return grad * math.nan if steps is None or seen[0] <= steps else grad
+
+    method.Xp.register_hook(poison)
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted() -> None:
+    data = fit_data(400)
+    method = ProtoPinvH({**SMALL, "epochs": 2})
+    ctx = RunContext(CPU, seed=0)
+    method.prepare(data, ctx)
+    _nan_gradient_on(method, steps=1)
+    method.fit(data, ctx)
+    assert method.skipped_steps == 1 and method.epochs_run == 2
+    assert ctx.diagnostics[-1]["skipped_steps"] == 1.0
+    for t in (method.Xp, method.Yp, *method.Hp):
+        assert bool(torch.isfinite(t).all())
+
+
+def test_a_whole_epoch_of_non_finite_gradients_stops_the_run() -> None:
+    data = fit_data(400)
+    method = ProtoPinvH({**SMALL, "epochs": 2})
+    ctx = RunContext(CPU, seed=0)
+    method.prepare(data, ctx)
+    _nan_gradient_on(method, steps=None)
+    with pytest.raises(SolveError, match=r"every step of a whole epoch .*non-finite gradient"):
+        method.fit(data, ctx)
+    assert method.Xp is not None and bool(torch.isfinite(method.Xp).all())

@@ -134,3 +134,18 @@ def test_spd_inverse_retries_a_singular_float32_gram_in_float64() -> None:
     assert P.dtype == torch.float64  # kept: a float32 copy of this inverse would be useless
     W = A.T.double() @ (P @ B.double())  # the dual ridge solution, formed in P's precision
     torch.testing.assert_close(W, reference_ridge(A, B, 1e-12), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [1e-6, 1e-7, 1e-8])
+def test_a_float32_gram_made_indefinite_by_rounding_is_solved_by_the_retry(lam: float) -> None:
+    # Rank 1 plus 1e-6 noise, formed in float32: rounding leaves G + lam I indefinite by about
+    # n eps32 |G|, far more than lam; the retry's jitter must cover that, not just float64's.
+    g = torch.Generator().manual_seed(1)
+    u = torch.rand(40, 1, generator=g, dtype=torch.float64)
+    v = torch.rand(1, 25, generator=g, dtype=torch.float64)
+    A = (u @ v + 1e-6 * torch.randn(40, 25, generator=g, dtype=torch.float64)).float()
+    stats = SolveStats()
+    P = spd_inverse(A.T @ A, lam, stats, "layer-1 ridge system")
+    assert stats.retries == 1
+    assert bool(torch.isfinite(P).all())
+    assert float(torch.linalg.eigvalsh(P.double()).min()) > 0

@@ -294,6 +294,15 @@ def test_grid_visits_every_point_once_also_when_resumed(
     assert sorted(points) == sorted((g, m) for g in (0.1, 0.2, 0.3) for m in ("a", "b"))
     assert second.counts == {"COMPLETE": 6}
 
+    # A store that holds tuning trials only still makes a report, with the grid's heat map.
+    from protobench.results.recorder import tracking_uri_for
+    from protobench.results.report import build_report
+
+    paths = build_report(tracking_uri_for(results_dir, None), results_dir / "report",
+                         formats="png,html")
+    names = sorted(p.name for p in paths)
+    assert "tiny_sensitivity_scripted-tune-tiny-accuracy.png" in names, names
+
 
 def test_n_jobs_2_logs_one_parent_and_a_child_per_trial(
     tunable: type[TunableScripted], tiny_splits: DatasetSplits, results_dir: Path

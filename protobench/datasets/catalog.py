@@ -31,6 +31,9 @@ class RawSpec:
     md5: dict[str, str]  # uncompressed file name -> MD5 of its bytes
     image_shape: tuple[int, int] = (28, 28)
     n_classes: int = 10
+    # Base URLs serving `<name>.gz`, tried in order: torchvision's `mirrors` for the same class,
+    # copied here because importing torchvision only to read them costs seconds.
+    mirrors: tuple[str, ...] = ()
     debian_dir: Path | None = None  # system folder of a Debian package shipping the .gz files
     debian_package: str | None = None
 
@@ -49,6 +52,10 @@ RAW_SPECS: dict[str, RawSpec] = {
             TEST_IMAGES: "2646ac647ad5339dbf082846283269ea",
             TEST_LABELS: "27ae3e4e09519cfbb04c329615203637",
         },
+        mirrors=(
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ),
     ),
     "fashion-mnist": RawSpec(
         name="fashion-mnist",
@@ -59,6 +66,7 @@ RAW_SPECS: dict[str, RawSpec] = {
             TEST_IMAGES: "8181f5470baa50b63fa0f6fddb340f0a",
             TEST_LABELS: "15d484375f8d13e6eb1aabb0c3f46965",
         },
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
         debian_dir=Path("/usr/share/datasets/fashion-mnist"),
         debian_package="dataset-fashion-mnist",
     ),

@@ -15,16 +15,12 @@ from protobench.datasets.store import (
     inspect_folder,
     list_dir,
     md5_of_bytes,
+    shell_quote,
     write_atomic,
 )
 from protobench.errors import DataError, DataIntegrityError, DataUnavailableError
 
 logger = logging.getLogger(__name__)
-
-
-def shell_quote(text: str) -> str:
-    """Single-quote for a POSIX shell, always, so pasted commands read the same every time."""
-    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def repair_command(name: str, root: Path, files: Sequence[Path] = ()) -> str:
@@ -132,10 +128,13 @@ def fetch_raw(
     except OSError as exc:
         raise DataError(f"cannot create data folder {raw_dir}: {exc.strerror or exc}") from None
     for source in default_sources(spec) if sources is None else sources:
+        started = time.monotonic()
         try:
             problems = _store(spec, raw_dir, source, missing)
         except SourceError as exc:
-            logger.info("%s: %s failed: %s", spec.name, source.label, exc)
+            # The elapsed time shows which source an offline fetch spends its time on.
+            logger.info("%s: %s failed after %.2f s: %s", spec.name, source.label,
+                        time.monotonic() - started, exc)
             reasons.append(f"{source.label}: {exc}")
             continue
         missing = [name for name in missing if not (raw_dir / name).is_file()]

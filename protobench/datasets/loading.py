@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from protobench.datasets.base import DatasetSplits, Split
 from protobench.datasets.catalog import RAW_SPECS, RawSpec, check_name
-from protobench.datasets.fetching import fetch_raw, shell_quote
+from protobench.datasets.fetching import digits_folder, fetch_raw
 from protobench.datasets.splits import check_seed, stratified_split
+from protobench.datasets.store import shell_quote, unreadable
 from protobench.errors import DataIntegrityError
 
 if TYPE_CHECKING:
@@ -22,6 +24,8 @@ logger = logging.getLogger(__name__)
 VAL_PER_TRAIN = (5_000, 60_000)
 DIGITS_VAL_FRACTION = 0.15
 DIGITS_TEST_FRACTION = 0.2
+DIGITS_FILE = "digits.csv.gz"
+DIGITS_ROWS = 1797
 
 
 def val_size(n_train: int) -> int:
@@ -86,19 +90,57 @@ def load_idx_splits(
     return splits
 
 
+def _digits_damaged(path: Path, why: str) -> DataIntegrityError:
+    import sklearn
+
+    # The file belongs to the scikit-learn install, so the repair reinstalls that version.
+    repair = (f"{shell_quote(sys.executable)} -m pip install --force-reinstall --no-deps "
+              f"scikit-learn=={sklearn.__version__}")
+    return DataIntegrityError(f"digits data file is damaged: {path} ({why}); repair: {repair}")
+
+
+def read_digits(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits file: pixels (1797, 64) in 0..16 and labels (1797,) in 0..9.
+
+    Read here rather than by `sklearn.datasets.load_digits` so that a damaged file is one
+    line naming it and the repair, like every other data file.
+    """
+    import gzip
+    import zlib
+
+    import numpy as np
+
+    from protobench.datasets.sources import one_line
+
+    try:
+        with gzip.open(path, "rt", encoding="ascii") as handle:
+            table = np.loadtxt(handle, delimiter=",", ndmin=2)
+    except PermissionError as exc:
+        raise unreadable("file", path, exc) from None
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise _digits_damaged(path, one_line(exc)) from None
+    if table.shape != (DIGITS_ROWS, 65):
+        rows, cols = table.shape
+        raise _digits_damaged(path, f"{rows} rows of {cols} values, expected {DIGITS_ROWS} of 65")
+    if not np.array_equal(table, np.rint(table)) or table.min() < 0:
+        raise _digits_damaged(path, "values other than whole numbers >= 0")
+    if table[:, :64].max() > 16 or table[:, 64].max() > 9:
+        raise _digits_damaged(path, "pixels above 16 or labels above 9")
+    return table[:, :64].astype(np.uint8), table[:, 64].astype(np.int64)
+
+
 def load_digits_splits(split_seed: int = 0) -> DatasetSplits:
     """scikit-learn's bundled 8x8 digits, with stratified validation and test hold-outs."""
     import numpy as np
     import torch
-    from sklearn.datasets import load_digits
 
-    bunch = load_digits()
-    x = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32) / np.float32(16.0))
-    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    pixels, labels = read_digits(digits_folder() / DIGITS_FILE)
+    x = torch.from_numpy(np.divide(pixels, np.float32(16.0), dtype=np.float32))
+    y = torch.from_numpy(labels)
     n = int(y.shape[0])
     n_test = round(n * DIGITS_TEST_FRACTION)
     n_val = round(n * DIGITS_VAL_FRACTION)
-    rest, test, val = stratified_split(bunch.target, [n_test, n_val], split_seed)
+    rest, test, val = stratified_split(labels, [n_test, n_val], split_seed)
 
     def part(index: np.ndarray) -> Split:
         rows = torch.from_numpy(index)

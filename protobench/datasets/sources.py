@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -97,29 +98,55 @@ def urlopen_bytes(
     deadline: float = DOWNLOAD_DEADLINE_S,
     limit: int = MAX_DOWNLOAD_BYTES,
 ) -> bytes:
-    """GET a http(s) URL; `timeout` bounds the connect and each read, `deadline` the whole."""
-    import urllib.request
+    """GET a http(s) URL; `timeout` bounds the connect and each read, `deadline` the whole.
 
+    The request runs in a worker thread so that the deadline holds in every phase, also
+    against a server that sends its headers or body a byte at a time (each read then returns
+    within `timeout`, so no per-read timeout ever fires). A worker past the deadline is told
+    to stop and exits at its next read.
+    """
     if not url.startswith(("https://", "http://")):
         raise ValueError(f"only http and https URLs are fetched, not {url!r}")
-    start = time.monotonic()
+    done: list[bytes] = []
+    failed: list[BaseException] = []
+    cancel = threading.Event()
+
+    def work() -> None:
+        try:
+            done.append(_download(url, timeout, limit, cancel))
+        except BaseException as exc:  # handed to the caller's thread below
+            failed.append(exc)
+
+    worker = threading.Thread(target=work, name=f"protobench download {url}", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        cancel.set()
+        raise TimeoutError(f"download took longer than {deadline:g} s")
+    if failed:
+        raise failed[0]
+    return done[0]
+
+
+def _download(url: str, timeout: float, limit: int, cancel: threading.Event) -> bytes:
+    import urllib.request
+
     chunks: list[bytes] = []
     total = 0
     # A fresh opener reads the proxy settings now; urlopen's shared one keeps its first ones.
     opener = urllib.request.build_opener()
     with opener.open(url, timeout=timeout) as response:
-        while chunk := response.read(1 << 20):
+        # read1 returns after one read of the socket, so `cancel` is seen within `timeout`.
+        while not cancel.is_set() and (chunk := response.read1(1 << 20)):
             total += len(chunk)
             if total > limit:
                 raise ValueError(f"response is larger than {limit} bytes")
-            if time.monotonic() - start > deadline:
-                raise TimeoutError(f"download took longer than {deadline:.0f} s")
             chunks.append(chunk)
     return b"".join(chunks)
 
 
 class MirrorSource:
-    """torchvision's download mirrors for the data set, tried in order."""
+    """Download mirrors for the data set (the catalog's copy of torchvision's), in order."""
 
     label = "torchvision mirrors"
 
@@ -133,27 +160,12 @@ class MirrorSource:
         self._opener = opener or urlopen_bytes
         self._timeout = timeout
 
-    def _default_mirrors(self, spec: RawSpec) -> list[str]:
-        try:
-            from torchvision import datasets
-        except ImportError as exc:
-            raise SourceError(f"torchvision is not importable ({exc})") from None
-        cls = getattr(datasets, spec.folder, None)
-        mirrors = getattr(cls, "mirrors", None)
-        if not mirrors:
-            raise SourceError(f"torchvision.datasets.{spec.folder} lists no mirrors")
-        resources = {name for name, _md5 in getattr(cls, "resources", [])}
-        expected = {f"{name}.gz" for name in spec.md5}
-        if resources and resources != expected:
-            raise SourceError(f"torchvision lists other files: {', '.join(sorted(resources))}")
-        return [str(m) for m in mirrors]
-
     def provide(self, spec: RawSpec, names: Sequence[str], workdir: Path) -> dict[str, bytes]:
         import http.client
 
-        mirrors = self._mirrors if self._mirrors is not None else self._default_mirrors(spec)
+        mirrors = self._mirrors if self._mirrors is not None else list(spec.mirrors)
         if not mirrors:
-            raise SourceError("no mirrors configured")
+            raise SourceError(f"no mirrors known for {spec.name}")
         failures: list[str] = []
         for mirror in mirrors:
             base = mirror if mirror.endswith("/") else f"{mirror}/"

@@ -67,18 +67,32 @@ def _write_stamps(raw_dir: Path, stamps: dict[str, dict[str, object]]) -> None:
         logger.debug("could not record verified files in %s: %s", raw_dir, exc)
 
 
+def shell_quote(text: str) -> str:
+    """Single-quote for a POSIX shell, always, so pasted commands read the same every time."""
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def unreadable(kind: str, path: Path, exc: OSError) -> DataError:
+    """The error for a data folder or file (`kind`) that exists but cannot be read."""
+    if isinstance(exc, PermissionError):
+        mode = "u+rwx" if kind == "folder" else "u+rw"
+        return DataError(
+            f"cannot read data {kind} {path}: permission denied; "
+            f"repair: chmod {mode} {shell_quote(str(path))} (or use another --data-dir)"
+        )
+    return DataError(f"cannot read data {kind} {path}: {exc.strerror or exc}")
+
+
 def list_dir(path: Path) -> list[str]:
     """Names in a folder; one that exists but cannot be read is a DataError naming it."""
     try:
         return os.listdir(path)
     except FileNotFoundError:
         raise
-    except PermissionError:
-        raise DataError(f"cannot read data folder {path}: permission denied") from None
     except NotADirectoryError:
         raise DataError(f"data folder {path} is not a folder") from None
     except OSError as exc:
-        raise DataError(f"cannot read data folder {path}: {exc.strerror or exc}") from None
+        raise unreadable("folder", path, exc) from None
 
 
 def _check_file(
@@ -90,8 +104,10 @@ def _check_file(
         with path.open("rb") as handle:
             head = handle.read(idx.MAX_HEADER_SIZE)
             st = os.fstat(handle.fileno())
-    except PermissionError:
-        raise DataError(f"cannot read data file {path}: permission denied") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise  # missing, or damaged: inspect_folder sorts these
+    except OSError as exc:
+        raise unreadable("file", path, exc) from None
     header = idx.parse_header(head, idx.magic_for(name))
     idx.check_layout(header, st.st_size, spec.image_shape)
     expected = spec.md5[name]
@@ -100,8 +116,8 @@ def _check_file(
         return header
     try:
         found = md5_of_file(path)
-    except PermissionError:
-        raise DataError(f"cannot read data file {path}: permission denied") from None
+    except OSError as exc:
+        raise unreadable("file", path, exc) from None
     if found != expected:
         raise idx.IdxFormatError(f"md5 {found}, expected {expected}")
     if now_ns - max(st.st_mtime_ns, st.st_ctime_ns) > STAMP_MIN_AGE_NS:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protobench.errors import ConfigError, ResultsError
+from protobench.results.names import sqlite_path, sqlite_url
 from protobench.results.recorder import DEFAULT_RESULTS_DIR, process_alive
 from protobench.results.table import locked
 
@@ -334,7 +335,7 @@ def _dim(method: str, p: HyperParam) -> SearchDim:
 def storage_url(spec: str | None, results_dir: Path) -> str:
     """Normalise `--storage`: None is `<results>/optuna.db`; see `open_storage` for the forms."""
     if spec is None or not spec.strip():
-        return f"sqlite:///{(results_dir / STORAGE_NAME).resolve()}"
+        return sqlite_url(results_dir / STORAGE_NAME)
     spec = spec.strip()
     if spec.startswith(JOURNAL_PREFIX):
         path = spec[len(JOURNAL_PREFIX):]
@@ -347,7 +348,7 @@ def storage_url(spec: str | None, results_dir: Path) -> str:
     if file.suffix in JOURNAL_SUFFIXES:
         return JOURNAL_PREFIX + str(file.resolve())
     if file.suffix in SQLITE_SUFFIXES:
-        return f"sqlite:///{file.resolve()}"
+        return sqlite_url(file)
     raise ConfigError(
         f"--storage must be an Optuna storage URL (sqlite:///FILE, postgresql://...), "
         f"journal:FILE, or a file ending in {', '.join(SQLITE_SUFFIXES + JOURNAL_SUFFIXES)}; "
@@ -400,9 +401,9 @@ def open_storage(
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
-        file_part = url.split(":///", 1)[-1]
-        if file_part and file_part != ":memory:":
-            _make_parent(Path(file_part))
+        file = sqlite_path(url)
+        if file is not None:
+            _make_parent(file)
     stale_callback = _retry_callback(retry_dead) if heartbeat else None
     last: Exception | None = None
     for attempt in range(_OPEN_ATTEMPTS):
@@ -486,8 +487,8 @@ class _Gate:
         self._key = int.from_bytes(digest[:8], "big", signed=True)
         if url.startswith(JOURNAL_PREFIX):
             self._file = Path(url[len(JOURNAL_PREFIX):])
-        elif url.startswith("sqlite:///") and ":memory:" not in url:
-            self._file = Path(url[len("sqlite:///"):].split("?", 1)[0])
+        elif url.startswith("sqlite:///") and sqlite_path(url) is not None:
+            self._file = sqlite_path(url)
         else:
             engine = getattr(storage, "engine", None)
             if engine is not None and engine.dialect.name == "postgresql":

@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -487,6 +488,7 @@ class ProtoPinvH(Method):
         self._final: dict[str, float] = {}
         self._worst: dict[str, float] = {}
         self.epochs_run = 0
+        self.skipped_steps = 0  # Adam steps skipped for a non-finite gradient
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -608,6 +610,7 @@ class ProtoPinvH(Method):
             self.prepare(data, ctx)
         Xp, Yp, Xt, y = self._require_prepared()
         self._keep_start_prototypes()
+        self.skipped_steps = 0
         p = self.params
         n = int(Xt.shape[0])
         rows = self._batch_size(n)
@@ -626,9 +629,11 @@ class ProtoPinvH(Method):
         opt = torch.optim.AdamW(groups, lr=p["lr"], fused=True)
         sched = _make_schedule(opt, p["schedule"], p["lr"], epochs * steps, p["warmup_frac"])
         gen = ctx.generator("shuffle")
+        skipped_in_a_row = 0
         for epoch in range(1, epochs + 1):
             order = torch.randperm(n, generator=gen).to(ctx.device) if rows < n else None
             loss_sum = torch.zeros((), dtype=Xt.dtype, device=Xt.device)
+            applied = 0  # steps whose gradient was applied
             for step in range(steps):
                 if order is None:
                     Xb, yb = Xt, y
@@ -639,16 +644,46 @@ class ProtoPinvH(Method):
                 loss, _ = self._loss(Xb, yb, self._stats)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                if self._finite_gradients():
+                    opt.step()
+                    loss_sum += loss.detach()
+                    applied += 1
+                    skipped_in_a_row = 0
+                else:
+                    # A non-finite gradient (a solve at the edge of float precision) is never
+                    # applied: the step is skipped and counted, the prototypes stay finite.
+                    self.skipped_steps += 1
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= steps:
+                        raise SolveError(
+                            f"every step of a whole epoch (up to epoch {epoch}) had a non-finite "
+                            f"gradient; raise lam1/lam2 (now {p['lam1']:g}/{p['lam2']:g}) or "
+                            f"lower lr (now {p['lr']:g})"
+                        )
+                    with warnings.catch_warnings():  # the schedule moves on without a step
+                        warnings.filterwarnings("ignore", message="Detected call of")
+                        sched.step()
+                    continue
                 sched.step()
                 self._cache = None
-                loss_sum += loss.detach()
             self._check_finite(epoch)
             self.epochs_run = epoch
-            diagnostics = self._diagnostics(float(loss_sum) / steps)
+            diagnostics = self._diagnostics(float(loss_sum) / max(applied, 1))
             ctx.progress(epoch, epochs, "epoch")
             if ctx.checkpoint(epoch, diagnostics):
                 break
+
+    def _finite_gradients(self) -> bool:
+        """Whether every gradient is finite: one fused sum and one sync (a sum that overflows
+        counts as non-finite: such a step would throw the prototypes out of range anyway)."""
+        import torch
+
+        grads = [t.grad for t in self._trainable() if t.grad is not None]
+        if not grads:
+            return True
+        with torch.no_grad():
+            total = torch.stack([g.sum() for g in grads]).sum()
+            return bool(torch.isfinite(total))
 
     def _check_finite(self, epoch: int) -> None:
         import torch
@@ -688,6 +723,7 @@ class ProtoPinvH(Method):
                 lam = torch.nn.functional.softplus(self.rho)
                 out["lam1"], out["lam2"] = float(lam[0]), float(lam[1])
         out["solve_retries"] = float(self._stats.retries if self._stats else 0)
+        out["skipped_steps"] = float(self.skipped_steps)
         self._final = dict(out)
         for key, value in out.items():
             if key.startswith("cond_"):

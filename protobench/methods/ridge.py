@@ -96,19 +96,21 @@ def _cholesky(
     # One reduction rather than an element-wise isfinite (this runs twice per training step):
     # a NaN or inf anywhere in L makes its sum non-finite. A sum that overflows on finite
     # entries (|L| near 1e38) only sends the solve to the float64 retry below.
+    noise = n * torch.finfo(G.dtype).eps
     if int(info) == 0 and bool(torch.isfinite(L.sum())):
         return L, False
     if not bool(torch.isfinite(G).all()):
         raise SolveError(f"non-finite values in the {what} (inputs contain NaN or inf)")
 
-    # Retry in float64 with jitter proportional to the matrix's scale.
+    # Retry in float64, with a jitter proportional to the matrix's scale that covers the
+    # rounding of G's own dtype (a float32 G may be indefinite by about n eps32 scale).
     if stats is not None:
         stats.retries += 1
     logger.warning("Cholesky of the %s failed in %s; retrying in float64", what, G.dtype)
     G64 = G.double()
     eye64 = eye.double()
     scale = float(G64.diagonal().abs().mean().detach()) if n else 0.0
-    jitter = _RETRY_JITTER * max(scale, 1.0)
+    jitter = max(_RETRY_JITTER * max(scale, 1.0), noise * scale)
     lam64 = lam.double() if isinstance(lam, torch.Tensor) else float(lam)
     L64, info64 = torch.linalg.cholesky_ex(G64 + (lam64 + jitter) * eye64)
     if int(info64) != 0 or not bool(torch.isfinite(L64).all()):

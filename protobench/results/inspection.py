@@ -21,12 +21,12 @@ import io
 import itertools
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from protobench.results.names import file_stem
+from protobench.results.prototype_pictures import new_figure
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,19 +58,6 @@ class InspectionFigure:
     caption: str
     figure: Figure
     group: str
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
 
 
 def _label(row: pd.Series) -> str:
@@ -133,7 +120,7 @@ def conditioning_figure(row: pd.Series, matrices: Sequence[str], steps: pd.DataF
     import matplotlib
     from matplotlib.lines import Line2D
 
-    fig = _new_figure(9.6, 6.6)
+    fig = new_figure(9.6, 6.6)
     top, bottom = fig.subplots(2, 1, sharex=True)
     fig.subplots_adjust(left=0.1, right=0.72, top=0.91, bottom=0.09, hspace=0.12)
     colours = matplotlib.colormaps["tab10"]
@@ -329,7 +316,7 @@ def heatmap_figure(study: GridStudy, dataset: str) -> Figure | None:
     norm = matplotlib.colors.Normalize(vmin=low, vmax=high)
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#e6e6e6")
 
-    fig = _new_figure(max(4.6 * ncols + 1.2, 7.0), 4.1 * nrows + 1.0)
+    fig = new_figure(max(4.6 * ncols + 1.2, 7.0), 4.1 * nrows + 1.0)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     image = None
     for ax, (a, b), grid in zip(axes, pairs, cells, strict=False):

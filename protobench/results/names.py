@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+import urllib.parse
+from pathlib import Path
 
 # MLflow accepts letters, digits, '_', '-', '.', ' ', ':' and '/' in metric, param and tag keys.
 _DISALLOWED = re.compile(r"[^A-Za-z0-9_\-. :/]")
@@ -25,3 +27,19 @@ def mlflow_key(name: str) -> str:
 def file_stem(name: str) -> str:
     """A name usable as a file stem on every platform."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def sqlite_url(path: Path) -> str:
+    """The SQLAlchemy URL of the SQLite file `path`, percent-encoded so that a '?', '#' or '%'
+    in a folder name stays part of the path instead of starting a query or an escape."""
+    return "sqlite:///" + urllib.parse.quote(str(Path(path).resolve()))
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///` URL (percent-escapes decoded), None for other URLs."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)

@@ -52,7 +52,8 @@ def prototype_figures(arrays: Mapping[str, np.ndarray], embedding: str = "pca"
     return figures
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A Figure on the Agg canvas, without pyplot's global state (safe in worker threads)."""
     import matplotlib
 
     if "matplotlib.pyplot" not in sys.modules:
@@ -113,7 +114,7 @@ def grid_figure(arrays: Mapping[str, np.ndarray]) -> Figure | None:
 
     tile_in = 0.36 if max(tile) >= 16 else 0.24
     width = max(7.5, 2 * columns * tile_in + 3.2)
-    fig = _new_figure(width, max(3.2, k * tile_in + 1.6))
+    fig = new_figure(width, max(3.2, k * tile_in + 1.6))
     axes = fig.subplots(1, 2)
     import matplotlib
 
@@ -187,7 +188,7 @@ def embedding_figure(arrays: Mapping[str, np.ndarray], embedding: str = "pca") -
     sample, start, end = np.split(coords, np.cumsum(sizes)[:2])
     colours = np.asarray(_class_colours(k))
 
-    fig = _new_figure(12.0, 5.4)
+    fig = new_figure(12.0, 5.4)
     axes = fig.subplots(1, 2, sharex=True, sharey=True)
     fig.subplots_adjust(left=0.07, right=0.86, top=0.86, bottom=0.12, wspace=0.08)
     epochs = int(arrays["epochs"]) if "epochs" in arrays else 0

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from protobench.errors import ResultsError
-from protobench.results.names import mlflow_key
+from protobench.results.names import mlflow_key, sqlite_url
 from protobench.results.table import TABLE_NAME, append_rows
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def prepare_results_dir(path: Path) -> Path:
 
 
 def local_tracking_uri(results_dir: Path) -> str:
-    return f"sqlite:///{(results_dir / STORE_NAME).resolve()}"
+    return sqlite_url(results_dir / STORE_NAME)
 
 
 def tracking_uri_for(results_dir: Path, tracking_uri: str | None) -> str:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from protobench.errors import ResultsError
 from protobench.harness.artifacts import ARTIFACT_DIR, ARTIFACTS_TAG
-from protobench.results.names import mlflow_key
+from protobench.results.names import mlflow_key, sqlite_path
 from protobench.results.recorder import TRUNCATION_MARK
 
 if TYPE_CHECKING:
@@ -94,8 +94,9 @@ def _check_store_exists(uri: str) -> None:
         scheme, rest = "file", uri
     scheme = scheme.lower()
     if scheme == "sqlite":
-        path = rest[3:] if rest.startswith("///") else ""
-        if path and path != ":memory:" and not Path(path).is_file():
+        file = sqlite_path(uri)
+        if file is not None and not file.is_file():
+            path = str(file)
             raise ResultsError(
                 f"no MLflow store at {path}: nothing was recorded there yet "
                 "(run `bench run` with the same --results, or pass --tracking-uri)"
@@ -405,7 +406,9 @@ def load_curves(tracking_uri: str, run_ids: Iterable[str]) -> pd.DataFrame:
         for step in sorted(set(accuracy) & set(seconds)):
             rows.append({"run_id": run_id, "step": step, "fit_seconds": seconds[step],
                          "val_accuracy": accuracy[step]})
-    return pd.DataFrame(rows, columns=["run_id", "step", "fit_seconds", "val_accuracy"])
+    frame = pd.DataFrame(rows, columns=["run_id", "step", "fit_seconds", "val_accuracy"])
+    # Typed even when empty (a store of tuning trials only has no curves to read).
+    return frame.astype({"step": "int64", "fit_seconds": "float64", "val_accuracy": "float64"})
 
 
 def load_step_metrics(tracking_uri: str, run_ids: Iterable[str], keys: Iterable[str]

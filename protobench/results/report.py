@@ -111,6 +111,10 @@ def _int(value: Any) -> str:
     return str(int(round(float(value)))) if _finite(value) else "-"
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -553,10 +557,10 @@ def _curves_figure(
         counter += 1
         ax.plot(mean["fit_seconds"], 100 * mean["val_accuracy"], lw=2.0, color=colour,
                 marker=marker, ms=6, mec="black", mew=0.6, zorder=4, gid=gid,
-                label=f"{config} ({group['run_id'].nunique()} seed(s))")
+                label=f"{config} ({_seeds(group['run_id'].nunique())})")
         last = mean.iloc[-1]
         out.tooltips[gid] = (
-            f"{config}: mean over {int(last['seeds'])} seed(s)\n"
+            f"{config}: mean over {_seeds(int(last['seeds']))}\n"
             f"final validation accuracy {_pct(last['val_accuracy'])} "
             f"after {_secs(last['fit_seconds'])} s (epoch {int(mean.index[-1])})"
         )
