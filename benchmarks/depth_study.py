@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         mine = [r for r in rows if r["dataset"] == dataset and r["status"] == "FINISHED"]
         depths = [r["depth"] for r in mine]
         acc_ax.plot(depths, [r["test_acc"] for r in mine], marker="o", label=dataset)
-        cond_ax.plot(depths, [r["worst_cond"] for r in mine], marker="o", label=dataset)
+        finite = [r for r in mine if math.isfinite(r["worst_cond"])]  # inf: singular
+        cond_ax.plot([r["depth"] for r in finite], [r["worst_cond"] for r in finite],
+                     marker="o", label=dataset)
     all_depths = sorted({r["depth"] for r in rows})
     for ax in (acc_ax, cond_ax):
         ax.set_xlabel("hidden layers L")
@@ -65,32 +68,51 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.legend()
     acc_ax.set_ylabel("test accuracy (%)")
     acc_ax.set_title("accuracy against depth")
-    cond_ax.set_yscale("log")
+    if any(line.get_xydata().size for line in cond_ax.get_lines()):
+        cond_ax.set_yscale("log")
     cond_ax.set_ylabel("worst condition number (max over epochs and layers)")
     cond_ax.set_title("conditioning against depth")
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
+def _depth_list(text: str) -> list[int]:
+    try:
+        depths = [int(d) for d in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--depths must be whole numbers >= 1 separated by commas, got {text!r}") from None
+    if any(d < 1 for d in depths):
+        raise argparse.ArgumentTypeError(f"--depths must all be >= 1, got {text!r}")
+    return depths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", default="1,2,3,4,6")
-    parser.add_argument("--datasets", default="mnist,fashion-mnist")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--depths", type=_depth_list, default=[1, 2, 3, 4, 6],
+                        help="hidden-layer counts L to run, comma-separated [default: 1,2,3,4,6]")
+    parser.add_argument("--datasets", default="mnist,fashion-mnist",
+                        help="comma-separated data sets [default: mnist,fashion-mnist]")
+    parser.add_argument("--seed", type=int, default=0, help="base seed [default: 0]")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epoch budget for every depth (default: the plugin's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of every run [default: all cores]")
-    parser.add_argument("--out", type=Path, default=Path("depth-study"))
+    parser.add_argument("--out", type=Path, default=Path("depth-study"),
+                        help="folder for depth_study.png and .csv [default: depth-study]")
     args = parser.parse_args()
-    depths = [int(d) for d in args.depths.split(",")]
-    results_dir = Path(tempfile.mkdtemp(prefix="protobench-depth-"))
-    args.out.mkdir(parents=True, exist_ok=True)
-    print(f"records: {results_dir}")
+    from protobench.errors import ProtobenchError
 
+    results_dir = Path(tempfile.mkdtemp(prefix="protobench-depth-"))
+    print(f"records (MLflow store of every run): {results_dir}")
     rows: list[dict[str, Any]] = []
-    for dataset in args.datasets.split(","):
-        rows += _depth_runs(dataset, depths, args.seed, args.epochs, args.threads, results_dir)
+    try:
+        for dataset in args.datasets.split(","):
+            rows += _depth_runs(dataset, args.depths, args.seed, args.epochs, args.threads,
+                                results_dir)
+    except ProtobenchError as exc:
+        sys.exit(f"error: {exc}")
+    args.out.mkdir(parents=True, exist_ok=True)
 
     print("\n| dataset | L | test acc % | val acc % | fit s | trainable params "
           "| worst cond (any layer) | worst cond Xp | solve retries |")

@@ -497,3 +497,14 @@ def test_a_whole_epoch_of_non_finite_gradients_stops_the_run() -> None:
     with pytest.raises(SolveError, match=r"every step of a whole epoch .*non-finite gradient"):
         method.fit(data, ctx)
     assert method.Xp is not None and bool(torch.isfinite(method.Xp).all())
+
+
+def test_the_projected_width_actually_used_is_reported_when_proj_dim_is_capped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = fit_data(400, d=32)
+    method = ProtoPinvH({**SMALL, "epochs": 1, "proj_dim": 100})
+    with caplog.at_level("WARNING", logger="protobench.methods.projection"):
+        run_fit(method, data)
+    assert method.summary_diagnostics()["projected_width"] == 32.0
+    assert "proj_dim 100 exceeds the input width 32; projecting to 32" in caplog.text

@@ -294,6 +294,15 @@ def test_grid_visits_every_point_once_also_when_resumed(
     assert sorted(points) == sorted((g, m) for g in (0.1, 0.2, 0.3) for m in ("a", "b"))
     assert second.counts == {"COMPLETE": 6}
 
+    # The same study over another grid, or by another sampler, is refused: one "best" over
+    # two searches would mean nothing.
+    other = parse_grid("scripted-tune", ["gain=0.1,0.4", "mode=a,b"])
+    with pytest.raises(ConfigError, match=r"was tuned with --sampler grid --grid gain=0.1,0.2"):
+        tune(_config(results_dir, trials=8, grid=other, fixed={"epochs": "1"}),
+             splits=tiny_splits)
+    with pytest.raises(ConfigError, match=r"not --sampler tpe; resume it with the same search"):
+        tune(_config(results_dir, trials=8, fixed={"epochs": "1"}), splits=tiny_splits)
+
     # A store that holds tuning trials only still makes a report, with the grid's heat map.
     from protobench.results.recorder import tracking_uri_for
     from protobench.results.report import build_report

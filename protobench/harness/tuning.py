@@ -1129,7 +1129,8 @@ def tune(
     storage = open_storage(url, heartbeat, config.retry_dead)
     metrics = OBJECTIVE_METRICS[config.objective]
     study = _open_study(storage, config.study_name, [d for _, d in metrics])
-    _check_study(study, config, cls.name, [d for _, d in metrics])
+    grid = {d.name: list(d.choices) for d in dims} if config.resolved_sampler == "grid" else None
+    _check_study(study, config, cls.name, [d for _, d in metrics], grid)
     target = config.trials or (
         math.prod(len(d.choices) for d in dims) if config.resolved_sampler == "grid"
         else DEFAULT_TRIALS
@@ -1161,7 +1162,6 @@ def tune(
         if on_trial is not None:
             on_trial(summary, _counts(study_))
 
-    grid = {d.name: list(d.choices) for d in dims} if config.resolved_sampler == "grid" else None
     driver = _Driver(study, objective, [told], target, config, grid, gate,
                      heartbeat=heartbeat is not None)
     logger.info("study %s: tuning %s on %s towards %d complete trials",
@@ -1221,8 +1221,9 @@ def _close_dead_runs(study: optuna.Study, recorder: Recorder, parent: str) -> No
 
 
 def _check_study(study: optuna.Study, config: TuneConfig, method: str,
-                 directions: list[str]) -> None:
-    """A resumed study must be of the same method, data set and objective."""
+                 directions: list[str], grid: Mapping[str, list[Any]] | None) -> None:
+    """A resumed study must be of the same method, data set, objective and search: a grid
+    study resumed over another grid would mix two grids' points in one "best"."""
     have = [d.name.lower() for d in study.directions]
     if have != directions:
         raise ConfigError(
@@ -1239,6 +1240,22 @@ def _check_study(study: optuna.Study, config: TuneConfig, method: str,
             )
         if key not in attrs:
             study.set_user_attr(key, value)
+    search = {"sampler": config.resolved_sampler,
+              "grid": {k: list(v) for k, v in sorted(grid.items())} if grid else None}
+    stored = attrs.get("search")
+    if stored is None:
+        study.set_user_attr("search", search)
+    elif stored != search:
+        def text(s: Mapping[str, Any]) -> str:
+            if not s.get("grid"):
+                return f"--sampler {s.get('sampler')}"
+            axes = " ".join(f"--grid {k}={','.join(str(v) for v in vs)}"
+                            for k, vs in s["grid"].items())
+            return f"--sampler grid {axes}"
+        raise ConfigError(
+            f"study {config.study_name!r} was tuned with {text(stored)}, not {text(search)}; "
+            "resume it with the same search, or choose another --study name"
+        )
 
 
 def _stop_reason(study: optuna.Study, target: int, config: TuneConfig, driver: _Driver) -> str:

@@ -204,7 +204,7 @@ def fit_projection(
         raise ConfigError(f"proj_dim must be >= 1, got {dim}")
     if dim > d:
         # A projection cannot widen its input: the default d'=400 on 8x8 digits keeps all 64.
-        logger.info("proj_dim %d exceeds the input width %d; projecting to %d", dim, d, d)
+        logger.warning("proj_dim %d exceeds the input width %d; projecting to %d", dim, d, d)
         dim = d
     if kind == "pca":
         mean, C, _ = centred_moments(X)
@@ -218,5 +218,9 @@ def fit_projection(
     components = P.to(X.dtype)
     mean32 = mean.to(X.dtype)
     offset = -(mean32 @ components)
-    logger.debug("fitted %s projection %d -> %d on %d rows", kind, d, dim, n)
+    if components.shape[1] < dim:
+        logger.warning("%s found only %d directions in the training rows (their rank); "
+                       "projecting to %d, not proj_dim %d", kind, components.shape[1],
+                       components.shape[1], dim)
+    logger.debug("fitted %s projection %d -> %d on %d rows", kind, d, components.shape[1], n)
     return Projection(kind=kind, mean=mean32, components=components, offset=offset)

@@ -780,6 +780,10 @@ class ProtoPinvH(Method):
         out = dict(self._final)
         out.update({f"worst_{key}": value for key, value in self._worst.items()})
         out["epochs_run"] = float(self.epochs_run)
+        if self.projection is not None and self.projection.out_dim is not None:
+            # The width actually used: proj_dim is capped at the input width and, for PLS,
+            # at the rank of the training rows.
+            out["projected_width"] = float(self.projection.out_dim)
         return out
 
     # -- inspection (pictures kept with the run; see proto_pinv_pictures) ---------------------

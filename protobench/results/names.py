@@ -30,9 +30,16 @@ def file_stem(name: str) -> str:
 
 
 def sqlite_url(path: Path) -> str:
-    """The SQLAlchemy URL of the SQLite file `path`, percent-encoded so that a '?', '#' or '%'
-    in a folder name stays part of the path instead of starting a query or an escape."""
-    return "sqlite:///" + urllib.parse.quote(str(Path(path).resolve()))
+    """The SQLAlchemy URL of the SQLite file `path`, with '%', '?' and '#' percent-encoded so
+    that they stay part of the path instead of starting an escape, a query or a fragment.
+
+    Only those three: MLflow also reads the URL's text as a path (to create its folder), so
+    encoding spaces or letters such as 'ü' would make it create a sibling folder of that name.
+    """
+    text = str(Path(path).resolve())
+    for char in "%?#":
+        text = text.replace(char, urllib.parse.quote(char))
+    return "sqlite:///" + text
 
 
 def sqlite_path(url: str) -> Path | None:
