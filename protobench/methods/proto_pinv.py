@@ -640,8 +640,13 @@ class ProtoPinvH(Method):
                 else:
                     idx = order[step * rows:(step + 1) * rows]
                     Xb, yb = Xt.index_select(0, idx), y.index_select(0, idx)
-                self._check_finite(epoch)
-                loss, _ = self._loss(Xb, yb, self._stats)
+                try:
+                    loss, _ = self._loss(Xb, yb, self._stats)
+                except SolveError:
+                    # Only an Adam step that overflowed can have made the prototypes
+                    # non-finite (non-finite gradients are never applied): say so if it did.
+                    self._check_finite(epoch)
+                    raise
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if self._finite_gradients():
