@@ -56,7 +56,7 @@ def loss_of(
     def fn(Xp: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         Hp, Yp, rho = list(rest[:depth]), rest[depth], rest[depth + 1]
         lam = torch.nn.functional.softplus(rho)
-        loss, _ = proto_loss(prob["X"], prob["y"], Xp, Hp, Yp, lam[0], lam[1], lam3=0.05,
+        loss = proto_loss(prob["X"], prob["y"], Xp, Hp, Yp, lam[0], lam[1], lam3=0.05,
                              activation=activation, temperature=temperature)
         return loss
 
@@ -79,6 +79,44 @@ def test_gradcheck_loss_wrt_prototypes_and_rho(
     prob = tiny_problem(n_protos, d, h, 3, depth=depth)
     fn, inputs = loss_of(prob, activation, temperature)
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize(
+    ("n_protos", "d", "h"),
+    [
+        (24, 30, 32),  # dual forms; the output system (24 x 24, k = 3 columns) is factored
+        (40, 9, 31),  # primal forms; the output system (32 x 32, k = 3 columns) is factored
+    ],
+)
+def test_systems_with_few_right_hand_sides_are_solved_by_their_cholesky_factor(
+    n_protos: int, d: int, h: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from protobench.methods import proto_pinv, ridge
+
+    prob = tiny_problem(n_protos, d, h, 3, n=16)
+    fn, inputs = loss_of(prob)
+    factored: list[tuple[int, ...]] = []
+    real = ridge.spd_cholesky
+
+    def spy(G: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        factored.append(tuple(G.shape))
+        return real(G, *args, **kwargs)
+
+    monkeypatch.setattr(ridge, "spd_cholesky", spy)
+    loss = fn(*inputs)
+    grads = torch.autograd.grad(loss, inputs)
+    assert factored == [(min(n_protos, h + 1),) * 2]  # the output system only
+    assert torch.autograd.gradcheck(fn, inputs)
+
+    # The same loss and gradients through the explicit inverse.
+    monkeypatch.setattr(proto_pinv, "_FEW_RHS", 10**9)
+    factored.clear()
+    loss_inv = fn(*inputs)
+    grads_inv = torch.autograd.grad(loss_inv, inputs)
+    assert factored == []
+    torch.testing.assert_close(loss, loss_inv, rtol=1e-12, atol=1e-12)
+    for g, g_inv in zip(grads, grads_inv, strict=True):
+        torch.testing.assert_close(g, g_inv, rtol=1e-9, atol=1e-11)
 
 
 def test_gradcheck_with_nearly_rank_deficient_xp() -> None:
@@ -123,9 +161,64 @@ def test_two_layer_forward_matches_hand_written(rows: int) -> None:
         torch.testing.assert_close(forward(X, layers, "tanh"), expected, rtol=1e-9, atol=1e-10)
     penalty = sum(float((W * W).sum()) for W in (W1, W2, W3))
     ce = torch.nn.functional.cross_entropy(expected, prob["y"])
-    loss, _ = proto_loss(X, prob["y"], Xp, [H1, H2], Yp, lam1, lam2, lam3=0.1,
+    loss = proto_loss(X, prob["y"], Xp, [H1, H2], Yp, lam1, lam2, lam3=0.1,
                          activation="tanh")
     torch.testing.assert_close(loss, ce + 0.1 * penalty, rtol=1e-9, atol=1e-10)
+
+
+def _reference_loss(
+    prob: dict[str, Any], Xp: torch.Tensor, Hp: list[torch.Tensor], Yp: torch.Tensor,
+    lam1: torch.Tensor, lam2: torch.Tensor, activation: str, temperature: float, lam3: float,
+) -> torch.Tensor:
+    """The loss written the plain way: explicit weights from float64 normal equations, then
+    autograd through torch.linalg.solve (independent of the plugin's forms and adjoints)."""
+    act = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid,
+           "gelu": torch.nn.functional.gelu}[activation]
+
+    def ones(a: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.ones(a.shape[0], 1, dtype=F64), a], dim=1)
+
+    def ridge(A: torch.Tensor, B: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(A.T @ A + lam * torch.eye(A.shape[1], dtype=F64), A.T @ B)
+
+    targets = torch.softmax(Yp / temperature, dim=1) if temperature > 0 else Yp
+    weights = [ridge(Xp, Hp[0], lam1)]
+    weights += [ridge(ones(act(Hp[i - 1])), Hp[i], lam1) for i in range(1, len(Hp))]
+    weights.append(ridge(ones(act(Hp[-1])), targets, lam2))
+    out = prob["X"] @ weights[0]
+    for W in weights[1:]:
+        out = ones(act(out)) @ W
+    penalty = sum((W * W).sum() for W in weights)
+    return torch.nn.functional.cross_entropy(out, prob["y"]) + lam3 * penalty
+
+
+@pytest.mark.parametrize(
+    ("n_protos", "d", "h", "depth", "activation", "temperature"),
+    [
+        (6, 5, 4, 1, "tanh", 0.0),  # primal forms
+        (6, 9, 8, 1, "relu", 0.0),  # dual forms, layer 1 in kernel form
+        (6, 9, 32, 1, "gelu", 0.0),  # output layer explicit and skinny
+        (6, 9, 8, 2, "sigmoid", 0.7),  # two hidden layers, softmax targets
+        (24, 30, 32, 1, "tanh", 0.3),  # output system solved by its Cholesky factor
+        (40, 9, 31, 2, "relu", 0.0),  # primal, factored output system, two layers
+    ],
+)
+def test_loss_and_gradients_match_a_plain_autograd_reference(
+    n_protos: int, d: int, h: int, depth: int, activation: str, temperature: float
+) -> None:
+    prob = tiny_problem(n_protos, d, h, 3, n=8, depth=depth)
+    inputs = [t.clone().requires_grad_(True)
+              for t in (prob["Xp"], *prob["Hp"], prob["Yp"], prob["rho"])]
+    Xp, Hp, Yp, rho = inputs[0], inputs[1:1 + depth], inputs[1 + depth], inputs[-1]
+    lam, lam_ref = torch.nn.functional.softplus(rho), torch.nn.functional.softplus(rho)
+    ours = proto_loss(prob["X"], prob["y"], Xp, Hp, Yp, lam[0], lam[1], lam3=0.05,
+                      activation=activation, temperature=temperature)
+    ref = _reference_loss(prob, Xp, Hp, Yp, lam_ref[0], lam_ref[1], activation, temperature,
+                          0.05)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-10)
+    for g, g_ref in zip(torch.autograd.grad(ours, inputs), torch.autograd.grad(ref, inputs),
+                        strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-7, atol=1e-9)
 
 
 # -- the Method on small synthetic data ----------------------------------------------------------
@@ -413,7 +506,7 @@ def test_gradient_through_rank_one_plus_noise_matches_central_differences(
     assert float(sv[1] / sv[0]) < 1e-5  # rank 1 up to the noise
 
     def loss(Xp: torch.Tensor, Hp: torch.Tensor, Yp: torch.Tensor) -> torch.Tensor:
-        out, _ = proto_loss(prob["X"], prob["y"], Xp, [Hp], Yp, lam, lam, lam3=0.05,
+        out = proto_loss(prob["X"], prob["y"], Xp, [Hp], Yp, lam, lam, lam3=0.05,
                             activation="tanh")
         return out
 
@@ -464,15 +557,19 @@ def test_training_through_rank_deficient_prototypes_never_leaves_nan(lam: float)
 
 
 def _nan_gradient_on(method: ProtoPinvH, steps: int | None) -> None:
-    """Make the gradient of Xp NaN on the first `steps` backward passes (None: on all)."""
-    assert method.Xp is not None
+    """Make the gradient of Xp NaN on the first `steps` training steps (None: on all)."""
     seen = [0]
+    real = method._gradients
 
-    def poison(grad: torch.Tensor) -> torch.Tensor:
+    def poisoned(*args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = real(*args, **kwargs)
         seen[0] += 1
-        return grad * math.nan if steps is None or seen[0] <= steps else grad
+        if (steps is None or seen[0] <= steps) and method.Xp is not None:
+            assert method.Xp.grad is not None
+            method.Xp.grad.mul_(math.nan)
+        return loss
 
-    method.Xp.register_hook(poison)
+    method._gradients = poisoned  # type: ignore[method-assign]
 
 
 def test_a_step_with_a_non_finite_gradient_is_skipped_and_counted() -> None:

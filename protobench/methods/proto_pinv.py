@@ -11,9 +11,12 @@ Adam trains the prototypes on cross-entropy + lam3 sum_l |W_l|^2, with gradients
 the closed-form solves. With Np smaller than a layer's input width the dual (Np x Np) form is
 used, and the first layer is applied to a batch as (x Xp^T) M rather than through W1.
 
-Speed: the hot path runs in float32 through three hand-written autograd Functions (the solve's
-adjoint reuses the explicit inverse from `ridge.spd_inverse`; products are oriented the way CPU
-BLAS runs them fastest), and the projected training set is formed once in `prepare`.
+Speed: a training step forms its gradients by hand (`loss_and_gradients`): one forward pass
+keeps what the adjoints need, then each step's adjoint runs in reverse, in float32, without an
+autograd graph. The solves reuse one factorisation for both passes: the explicit inverse from
+`ridge.spd_inverse`, or for few right-hand sides the Cholesky factor from `ridge.spd_cholesky`.
+Products are oriented the way CPU BLAS runs them fastest, and the projected training set is
+formed once in `prepare`. `proto_loss` offers the same loss to autograd.
 
 Inputs are first projected (PCA by default, unwhitened, fitted on train in `prepare`) and a bias
 column of ones is appended: X~ = [(X - mean) P, 1] (N, d'+1). Xp's last column plays the same
@@ -116,16 +119,16 @@ def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @dataclass
 class ClosedFormLayer:
-    """One layer W = ridge(A -> B, lam), with prototype inputs A (Np, p) and targets B (Np, q).
+    """One solved layer as applied to rows; W = ridge([1,] a -> B, lam) for prototype inputs a
+    (Np, p) and targets B (Np, q).
 
-    `ones_in`: the layer's input has an implicit leading column of ones, A = [1, a]; the bias row
-    b of W is kept apart so that no column of ones is ever appended to a batch.
+    `ones_in`: the layer's input has an implicit leading column of ones, A = [1, a]; the bias
+    row b of W is kept apart so that no column of ones is ever appended to a batch.
     Kernel form (dual only): out = (x a^T [+ 1]) M with M = (A A^T + lam I)^-1 B (Np, q), which
     costs n Np (p + q) per n rows instead of n p q when Np is small.
     Explicit form: out = x W [+ b].
     """
 
-    sq_norm: torch.Tensor  # |W|_F^2, bias row included
     ones_in: bool
     protos: torch.Tensor | None = None  # a (Np, p), kernel form
     M: torch.Tensor | None = None  # (Np, q), kernel form
@@ -134,16 +137,33 @@ class ClosedFormLayer:
 
     def __call__(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
         """The layer's output for rows x, passed through `activation` when one is named."""
-        fns = _autograd_functions()
-        out: torch.Tensor
+        return self.apply(x, activation)[0]
+
+    def apply(
+        self, x: torch.Tensor, activation: str | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(output, K, pre): K = x a^T [+ 1] in the kernel form, and the pre-activation when
+        the activation's derivative needs it (gelu); both serve the backward pass."""
+        import torch
+
         if self.protos is not None and self.M is not None:
-            # The activation is fused into the kernel product (applied in place, one pass).
-            out = fns.kernel.apply(x, self.protos, self.M, self.ones_in, activation)
-            return out
-        if self.W is None:
+            K = x @ self.protos.T  # (n, Np)
+            if self.ones_in:
+                K.add_(1.0)
+            Z = K @ self.M  # (n, q)
+        elif self.W is not None:
+            K = None
+            Z = _product(x, self.W)
+            if self.b is not None:
+                Z.add_(self.b)
+        else:
             raise RuntimeError("closed-form layer holds neither kernel nor explicit weights")
-        out = fns.linear.apply(x, self.W, self.b)
-        return out if activation is None else activation_fn(activation)(out)
+        if activation is None:
+            return Z, K, None
+        if activation == "gelu":
+            return torch.nn.functional.gelu(Z), K, Z
+        _activation_inplace(activation)(Z)  # relu', tanh', sigmoid' follow from the output
+        return Z, K, None
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Explicit (W, b); the kernel form is expanded to W = a^T M, b = 1^T M."""
@@ -155,8 +175,39 @@ class ClosedFormLayer:
         return self.protos.T @ self.M, b
 
 
+def _activation_inplace(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    import torch
+
+    return {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_}[name]
+
+
+def _activation_backward(
+    name: str, grad: torch.Tensor, out: torch.Tensor, pre: torch.Tensor | None
+) -> torch.Tensor:
+    """grad * act'(z) for out = act(z); gelu needs its input `pre`, the others their output."""
+    import torch
+
+    aten = torch.ops.aten
+    if name == "relu":
+        return aten.threshold_backward(grad, out, 0.0)
+    if name == "tanh":
+        return aten.tanh_backward(grad, out)
+    if name == "sigmoid":
+        return aten.sigmoid_backward(grad, out)
+    if pre is None:
+        raise RuntimeError("the gelu derivative needs the pre-activation")
+    return aten.gelu_backward(grad, pre)
+
+
 # An explicit layer is skinny when its width q is at most 1/_SKINNY of its input width p.
 _SKINNY = 8
+
+
+def _product(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """x W; a skinny W (q <= p / 8) runs as (W^T x^T)^T, about 3x faster on CPU BLAS."""
+    if _SKINNY * W.shape[1] <= W.shape[0]:
+        return (W.T @ x.T).T
+    return x @ W
 
 
 def _times(P: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
@@ -166,164 +217,33 @@ def _times(P: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     return (P @ C.to(P.dtype)).to(C.dtype)
 
 
-@dataclass(frozen=True)
-class _Functions:
-    spd_solve: Any
-    dual_solve: Any
-    kernel: Any
-    linear: Any
+# A system with at most 1/_FEW_RHS as many right-hand sides as unknowns (the output layer: k
+# columns against Np) is solved with its Cholesky factor; wider ones through the explicit
+# inverse. Measured on a 2-core CPU for Np = 150: forward and backward with 10 columns take
+# 0.11 ms by two triangular solves each, against 0.31 ms for forming the inverse and two
+# products; with 512 columns a triangular solve takes 1.2 ms, the inverse route 0.6 ms.
+_FEW_RHS = 8
 
 
-@functools.cache
-def _autograd_functions() -> _Functions:
-    """The hand-written autograd Functions of the hot path (built on first use: torch is
-    imported lazily). Each backward is the plain adjoint of its forward, with every product
-    oriented the way CPU BLAS runs it fastest; gradcheck in the tests covers all three."""
+def _spd_factor(
+    G: torch.Tensor, lam: float | torch.Tensor, n_rhs: int, stats: SolveStats | None, what: str
+) -> tuple[torch.Tensor, bool]:
+    """(L, True): the Cholesky factor of G + lam I when `n_rhs` right-hand sides are few;
+    otherwise (P, False): its inverse. Either is float64 after a retried factorisation."""
+    from protobench.methods.ridge import spd_cholesky, spd_inverse
+
+    if _FEW_RHS * n_rhs <= G.shape[-1]:
+        return spd_cholesky(G, lam, stats, what), True
+    return spd_inverse(G, lam, stats, what), False
+
+
+def _inverse_times(F: torch.Tensor, is_factor: bool, C: torch.Tensor) -> torch.Tensor:
+    """(G + lam I)^-1 C from `_spd_factor`'s result, in F's precision, returned in C's dtype."""
     import torch
-    from torch.autograd.function import once_differentiable
 
-    from protobench.methods.ridge import spd_inverse
-
-    _ACT_INPLACE = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_}
-
-    class SPDSolve(torch.autograd.Function):
-        @staticmethod
-        def forward(
-            ctx: Any, G: torch.Tensor, C: torch.Tensor, lam: float | torch.Tensor,
-            stats: SolveStats | None, what: str,
-        ) -> torch.Tensor:
-            P = spd_inverse(G, lam, stats, what)  # (n, n) = (G + lam I)^-1
-            X = _times(P, C)  # (n, q)
-            ctx.save_for_backward(P, X)
-            return X
-
-        @staticmethod
-        @once_differentiable
-        def backward(ctx: Any, dX: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            # X = P C with P = (G + lam I)^-1:  dC = P dX,  dG = -dC X^T,  dlam = -<dC, X>
-            P, X = ctx.saved_tensors
-            need = ctx.needs_input_grad
-            dC = _times(P, dX)
-            dG = -(dC @ X.T) if need[0] else None
-            dlam = -(dC * X).sum() if need[2] else None
-            return dG, dC if need[1] else None, dlam, None, None
-
-    class DualSolve(torch.autograd.Function):
-        @staticmethod
-        def forward(
-            ctx: Any, a: torch.Tensor, B: torch.Tensor, lam: float | torch.Tensor,
-            ones_in: bool, stats: SolveStats | None, what: str,
-        ) -> torch.Tensor:
-            # M = (G + lam I)^-1 B,  G = a a^T (+ 1)
-            G = a @ a.T  # (Np, Np)
-            if ones_in:
-                G.add_(1.0)
-            P = spd_inverse(G, lam, stats, what)  # (Np, Np)
-            M = _times(P, B)  # (Np, q)
-            ctx.save_for_backward(a, P, M)
-            return M
-
-        @staticmethod
-        @once_differentiable
-        def backward(ctx: Any, dM: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            # dB = P dM,  dG = -dB M^T,  da = (dG + dG^T) a,  dlam = -<dB, M>
-            a, P, M = ctx.saved_tensors
-            need = ctx.needs_input_grad
-            dB = _times(P, dM)
-            da = None
-            if need[0]:
-                dG = dB @ M.T
-                da = -((dG + dG.T) @ a)
-            dlam = -(dB * M).sum() if need[2] else None
-            return da, dB if need[1] else None, dlam, None, None, None
-
-    class KernelApply(torch.autograd.Function):
-        @staticmethod
-        def forward(
-            ctx: Any, x: torch.Tensor, a: torch.Tensor, M: torch.Tensor, ones_in: bool,
-            activation: str | None,
-        ) -> torch.Tensor:
-            # out = act(K M),  K = x a^T (+ 1)
-            K = x @ a.T  # (n, Np)
-            if ones_in:
-                K.add_(1.0)
-            Z = K @ M  # (n, q)
-            ctx.activation = activation
-            if activation is None:
-                ctx.save_for_backward(x, a, M, K, None)
-                return Z
-            if activation == "gelu":
-                out = torch.nn.functional.gelu(Z)
-                ctx.save_for_backward(x, a, M, K, Z)  # gelu' needs its input
-                return out
-            _ACT_INPLACE[activation](Z)  # relu', tanh', sigmoid' follow from the output
-            ctx.save_for_backward(x, a, M, K, Z)
-            return Z
-
-        @staticmethod
-        @once_differentiable
-        def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            # dZ = dout act'(Z),  dM = K^T dZ,  dK = dZ M^T,  da = dK^T x,  dx = dK a
-            x, a, M, K, saved = ctx.saved_tensors
-            need = ctx.needs_input_grad
-            act = ctx.activation
-            aten = torch.ops.aten
-            if act is None:
-                dZ = dout
-            elif act == "relu":
-                dZ = aten.threshold_backward(dout, saved, 0.0)
-            elif act == "tanh":
-                dZ = aten.tanh_backward(dout, saved)
-            elif act == "sigmoid":
-                dZ = aten.sigmoid_backward(dout, saved)
-            else:
-                dZ = aten.gelu_backward(dout, saved)
-            dM = K.T @ dZ if need[2] else None
-            dK = dZ @ M.T if need[0] or need[1] else None
-            da = dK.T @ x if dK is not None and need[1] else None
-            dx = dK @ a if dK is not None and need[0] else None
-            return dx, da, dM, None, None
-
-    class Linear(torch.autograd.Function):
-        @staticmethod
-        def forward(
-            ctx: Any, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None
-        ) -> torch.Tensor:
-            # out = x W (+ b); a skinny product runs as (W^T x^T)^T, about 3x faster on CPU
-            skinny = _SKINNY * W.shape[1] <= W.shape[0]
-            ctx.skinny = skinny
-            ctx.save_for_backward(x, W)
-            out = (W.T @ x.T).T if skinny else x @ W
-            return out if b is None else out + b
-
-        @staticmethod
-        @once_differentiable
-        def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-            # dx = dout W^T,  dW = x^T dout (= (dout^T x)^T),  db = 1^T dout
-            x, W = ctx.saved_tensors
-            need = ctx.needs_input_grad
-            dx = dout @ W.T if need[0] else None
-            dW = None
-            if need[1]:
-                dW = (dout.T @ x).T if ctx.skinny else x.T @ dout
-            db = dout.sum(dim=0) if need[2] else None
-            return dx, dW, db
-
-    return _Functions(spd_solve=SPDSolve, dual_solve=DualSolve, kernel=KernelApply, linear=Linear)
-
-
-def spd_solve(
-    G: torch.Tensor, C: torch.Tensor, lam: float | torch.Tensor,
-    stats: SolveStats | None = None, what: str = "ridge system",
-) -> torch.Tensor:
-    """X = (G + lam I)^-1 C, differentiable in G, C and lam (a tensor).
-
-    The inverse comes from the shared `ridge.spd_inverse` (its checks, float64 retry and
-    SolveError) and serves the backward pass as well: with many right-hand sides this runs at
-    matmul speed, where `solve_spd` and autograd through the Cholesky factor do not.
-    """
-    out: torch.Tensor = _autograd_functions().spd_solve.apply(G, C, lam, stats, what)
-    return out
+    if not is_factor:
+        return _times(F, C)
+    return torch.cholesky_solve(C.to(F.dtype), F).to(C.dtype)
 
 
 def _kernel_is_cheaper(n: int, n_protos: int, p: int, q: int) -> bool:
@@ -331,37 +251,174 @@ def _kernel_is_cheaper(n: int, n_protos: int, p: int, q: int) -> bool:
     return n * n_protos * (p + q) < n_protos * p * q + n * p * q
 
 
-def solve_layer(
-    a: torch.Tensor, B: torch.Tensor, lam: float | torch.Tensor, *, ones_in: bool,
-    batch_rows: int | None = None, stats: SolveStats | None = None, what: str = "layer",
-) -> ClosedFormLayer:
-    """W = ridge([1,] a -> B, lam) for a (Np, p), B (Np, q); kernel form when cheaper on
-    `batch_rows` rows (None: always explicit, as for inference)."""
+def _with_ones(a: torch.Tensor) -> torch.Tensor:
     import torch
 
+    return torch.cat([torch.ones_like(a[:, :1]), a], dim=1)
+
+
+@dataclass
+class _Solve:
+    """One layer's ridge solve W = ridge([1,] a -> B, lam), with what its adjoint needs.
+
+    Dual form (Np < p + ones_in): M = (G + lam I)^-1 B with G = a a^T (+ 1); the layer is then
+    either applied in kernel form or expanded to W = a^T M, b = 1^T M.
+    Primal form: W_full = (A^T A + lam I)^-1 A^T B with A = [1,] a, and [b; W] = W_full.
+    F is (G + lam I)^-1, or its Cholesky factor when `is_factor` (few right-hand sides).
+    """
+
+    a: torch.Tensor
+    B: torch.Tensor
+    lam: float | torch.Tensor
+    layer: ClosedFormLayer
+    F: torch.Tensor
+    is_factor: bool
+    M: torch.Tensor | None = None  # dual form
+    W_full: torch.Tensor | None = None  # primal form
+
+    @property
+    def kernel(self) -> bool:
+        return self.layer.M is not None
+
+    def sq_norm(self) -> torch.Tensor:
+        """|W|_F^2, bias row included. Kernel form: tr(M^T A A^T M) = <M, B - lam M>, since
+        (A A^T + lam I) M = B."""
+        import torch
+
+        if self.kernel and self.M is not None:
+            # B - lam M (= A A^T M) first: <M, B> and lam <M, M> can be large and nearly equal
+            return (self.M * (self.B - self.lam * self.M)).sum()
+        W, b = self.layer.W, self.layer.b
+        if W is None:
+            raise RuntimeError("explicit layer without weights")
+        norm = torch.linalg.vector_norm(W) ** 2
+        return norm if b is None else norm + torch.dot(b, b)
+
+    def backward(
+        self, dM: torch.Tensor | None, dW: torch.Tensor | None, db: torch.Tensor | None,
+        lam3: float, need_a: bool, need_lam: bool, da: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(da, dB, dlam) from the loss gradient on the layer's weights (dM in the kernel form,
+        dW and db otherwise), the weight penalty lam3 |W|^2 included; `da` is added to (in
+        place) when given: the part of the gradient on `a` that the rows contributed."""
+        import torch
+
+        ones_in = self.layer.ones_in
+        penalised_B = False
+        dlam: torch.Tensor | None = None
+        if self.M is not None:  # dual form
+            M, a = self.M, self.a
+            if self.kernel:
+                if dM is None:
+                    raise RuntimeError("kernel layer backward needs dM")
+                # d/dM, d/dB and d/dlam of lam3 <M, B - lam M>
+                if lam3 > 0:
+                    dM = dM.add(self.B, alpha=lam3).sub_(self.lam * M, alpha=2 * lam3)
+                    penalised_B = True
+                if need_lam and lam3 > 0:
+                    dlam = -lam3 * torch.dot(M.reshape(-1), M.reshape(-1))
+            else:
+                W, b = self.layer.W, self.layer.b
+                if dW is None or W is None:
+                    raise RuntimeError("explicit layer backward needs dW")
+                dW = dW.add(W, alpha=2 * lam3)
+                # W = a^T M, b = 1^T M:  dM = a dW + 1 db^T,  da = M dW^T
+                dM = a @ dW
+                if ones_in and db is not None and b is not None:
+                    dM.add_(db.add(b, alpha=2 * lam3))
+                if need_a:
+                    da_w = M @ dW.T
+                    da = da_w if da is None else da.add_(da_w)
+            # M = (G + lam I)^-1 B:  dB = (G + lam I)^-1 dM,  dG = -dB M^T,
+            # da += (dG + dG^T) a,  dlam = -<dB, M>
+            dB = _inverse_times(self.F, self.is_factor, dM)
+            if need_a:
+                dG = dB @ M.T
+                d_solve = (dG + dG.T) @ a
+                da = d_solve.neg_() if da is None else da.sub_(d_solve)
+            if need_lam:
+                dl = -torch.dot(dB.reshape(-1), M.reshape(-1))
+                dlam = dl if dlam is None else dlam + dl
+            if penalised_B:
+                dB.add_(M, alpha=lam3)
+            return da, dB, dlam
+        # primal form: W_full = (G + lam I)^-1 C with G = A^T A, C = A^T B
+        W_full, W, b = self.W_full, self.layer.W, self.layer.b
+        if dW is None or W_full is None or W is None:
+            raise RuntimeError("primal layer backward needs dW")
+        dW = dW.add(W, alpha=2 * lam3)
+        if ones_in and db is not None and b is not None:
+            dW_full = torch.cat([db.add(b, alpha=2 * lam3)[None], dW], dim=0)
+        else:
+            dW_full = dW
+        # dC = (G + lam I)^-1 dW_full,  dG = -dC W_full^T,  dA = A (dG + dG^T) + B dC^T,
+        # dB = A dC,  dlam = -<dC, W_full>
+        dC = _inverse_times(self.F, self.is_factor, dW_full)
+        A = _with_ones(self.a) if ones_in else self.a
+        dB = A @ dC
+        if need_a:
+            dG = dC @ W_full.T
+            dA = self.B @ dC.T - A @ (dG + dG.T)
+            dA = dA[:, 1:] if ones_in else dA
+            da = dA if da is None else da.add_(dA)
+        if need_lam:
+            dlam = -torch.dot(dC.reshape(-1), W_full.reshape(-1))
+        return da, dB, dlam
+
+
+def _solve_layer(
+    a: torch.Tensor, B: torch.Tensor, lam: float | torch.Tensor, *, ones_in: bool,
+    batch_rows: int | None, stats: SolveStats | None, what: str,
+) -> _Solve:
+    """W = ridge([1,] a -> B, lam) for a (Np, p), B (Np, q); kernel form when cheaper on
+    `batch_rows` rows (None: always explicit, as for inference)."""
     from protobench.methods.ridge import choose_form
 
     n_protos, p = a.shape
     q = B.shape[1]
     p_full = p + int(ones_in)
-    fns = _autograd_functions()
     if choose_form(n_protos, p_full) == "dual":
         # W = A^T (A A^T + lam I)^-1 B,   A A^T = a a^T (+ 1 for the ones column)
-        M = fns.dual_solve.apply(a, B, lam, ones_in, stats, what)  # (Np, q)
+        G = a @ a.T  # (Np, Np)
+        if ones_in:
+            G.add_(1.0)
+        F, is_factor = _spd_factor(G, lam, q, stats, what)
+        M = _inverse_times(F, is_factor, B)  # (Np, q)
         if batch_rows is not None and _kernel_is_cheaper(batch_rows, n_protos, p_full, q):
-            # |W|^2 = tr(M^T A A^T M) = tr(M^T (B - lam M)),  since (A A^T + lam I) M = B
-            sq_norm = (M * (B - lam * M)).sum()
-            return ClosedFormLayer(sq_norm, ones_in, protos=a, M=M)
-        W = fns.linear.apply(a.T, M, None)  # (p, q) = a^T M
+            return _Solve(a, B, lam, ClosedFormLayer(ones_in, protos=a, M=M), F, is_factor, M=M)
+        W = _product(a.T, M)  # (p, q) = a^T M
         b = M.sum(dim=0) if ones_in else None
-    else:
-        A = torch.cat([torch.ones_like(a[:, :1]), a], dim=1) if ones_in else a
-        G = A.T @ A  # (p_full, p_full)
-        # (A^T A + lam I) W = A^T B
-        W_full = spd_solve(G, A.T @ B, lam, stats, what)
-        W, b = (W_full[1:], W_full[0]) if ones_in else (W_full, None)
-    sq_norm = (W * W).sum() if b is None else (W * W).sum() + (b * b).sum()
-    return ClosedFormLayer(sq_norm, ones_in, W=W, b=b)
+        return _Solve(a, B, lam, ClosedFormLayer(ones_in, W=W, b=b), F, is_factor, M=M)
+    A = _with_ones(a) if ones_in else a
+    # (A^T A + lam I) W_full = A^T B
+    F, is_factor = _spd_factor(A.T @ A, lam, q, stats, what)
+    W_full = _inverse_times(F, is_factor, A.T @ B)  # (p_full, q)
+    W, b = (W_full[1:], W_full[0]) if ones_in else (W_full, None)
+    return _Solve(a, B, lam, ClosedFormLayer(ones_in, W=W, b=b), F, is_factor, W_full=W_full)
+
+
+def _solve_all(
+    Xp: torch.Tensor, Hp: Sequence[torch.Tensor], Yp: torch.Tensor,
+    lam1: float | torch.Tensor, lam2: float | torch.Tensor, *,
+    activation: str, temperature: float, batch_rows: int | None, stats: SolveStats | None,
+) -> list[_Solve]:
+    """All L + 1 ridge solves from the prototypes (see the module docstring)."""
+    import torch
+
+    act = activation_fn(activation)
+    # W1 = ridge(Xp -> Hp_1, lam1)   (d'+1, h); Xp carries its own bias column
+    solves = [_solve_layer(Xp, Hp[0], lam1, ones_in=False, batch_rows=batch_rows, stats=stats,
+                           what="layer-1 ridge system")]
+    for i in range(1, len(Hp)):
+        # W_l = ridge([1, act(Hp_{l-1})] -> Hp_l, lam1)   (h+1, h)
+        solves.append(_solve_layer(act(Hp[i - 1]), Hp[i], lam1, ones_in=True,
+                                   batch_rows=batch_rows, stats=stats,
+                                   what=f"layer-{i + 1} ridge system"))
+    # W_{L+1} = ridge([1, act(Hp_L)] -> Yp, lam2)   (h+1, k); softmax(Yp / T) when T > 0
+    targets = torch.softmax(Yp / temperature, dim=1) if temperature > 0 else Yp
+    solves.append(_solve_layer(act(Hp[-1]), targets, lam2, ones_in=True, batch_rows=batch_rows,
+                               stats=stats, what="output ridge system"))
+    return solves
 
 
 def solve_prototypes(
@@ -370,23 +427,13 @@ def solve_prototypes(
     activation: str, temperature: float = 0.0,
     batch_rows: int | None = None, stats: SolveStats | None = None,
 ) -> list[ClosedFormLayer]:
-    """All L + 1 closed-form layers from the prototypes (see the module docstring)."""
+    """All L + 1 closed-form layers from the prototypes (no gradients: see `proto_loss`)."""
     import torch
 
-    act = activation_fn(activation)
-    # W1 = ridge(Xp -> Hp_1, lam1)   (d'+1, h); Xp carries its own bias column
-    layers = [solve_layer(Xp, Hp[0], lam1, ones_in=False, batch_rows=batch_rows, stats=stats,
-                          what="layer-1 ridge system")]
-    for i in range(1, len(Hp)):
-        # W_l = ridge([1, act(Hp_{l-1})] -> Hp_l, lam1)   (h+1, h)
-        layers.append(solve_layer(act(Hp[i - 1]), Hp[i], lam1, ones_in=True,
-                                  batch_rows=batch_rows, stats=stats,
-                                  what=f"layer-{i + 1} ridge system"))
-    # W_{L+1} = ridge([1, act(Hp_L)] -> Yp, lam2)   (h+1, k); softmax(Yp / T) when T > 0
-    targets = torch.softmax(Yp / temperature, dim=1) if temperature > 0 else Yp
-    layers.append(solve_layer(act(Hp[-1]), targets, lam2, ones_in=True, batch_rows=batch_rows,
-                              stats=stats, what="output ridge system"))
-    return layers
+    with torch.no_grad():
+        solves = _solve_all(Xp, Hp, Yp, lam1, lam2, activation=activation,
+                            temperature=temperature, batch_rows=batch_rows, stats=stats)
+    return [s.layer for s in solves]
 
 
 def forward(X: torch.Tensor, layers: Sequence[ClosedFormLayer], activation: str) -> torch.Tensor:
@@ -397,25 +444,170 @@ def forward(X: torch.Tensor, layers: Sequence[ClosedFormLayer], activation: str)
     return layers[-1](out)
 
 
+@dataclass
+class ProtoGradients:
+    """Gradients of the training loss; None where not asked for."""
+
+    Xp: torch.Tensor | None
+    Hp: list[torch.Tensor | None]
+    Yp: torch.Tensor | None
+    lam1: torch.Tensor | None
+    lam2: torch.Tensor | None
+
+
+def loss_and_gradients(
+    X: torch.Tensor, y: torch.Tensor,
+    Xp: torch.Tensor, Hp: Sequence[torch.Tensor], Yp: torch.Tensor,
+    lam1: float | torch.Tensor, lam2: float | torch.Tensor, *,
+    lam3: float, activation: str, temperature: float = 0.0, stats: SolveStats | None = None,
+    need_xp: bool = True, need_hp: bool = True, need_yp: bool = True, need_lam: bool = False,
+) -> tuple[torch.Tensor, ProtoGradients]:
+    """The training loss on rows X~ (n, d'+1), labels y (n,), and its gradients, by hand.
+
+    loss = cross_entropy(logits, y) + lam3 sum_l |W_l|^2
+
+    One forward pass keeps what the backward pass needs; the backward pass then runs the
+    adjoint of each step in reverse, without an autograd graph (which cost about a fifth of
+    each training step: `benchmarks/proto_pinv_glue.py`). `proto_loss` wraps this for autograd;
+    gradcheck in the tests covers both.
+    """
+    import torch
+
+    with torch.no_grad():
+        n, depth = int(X.shape[0]), len(Hp)
+        solves = _solve_all(Xp, Hp, Yp, lam1, lam2, activation=activation,
+                            temperature=temperature, batch_rows=n, stats=stats)
+        # Forward over the rows, keeping each layer's input, K, output and pre-activation.
+        kept: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                         torch.Tensor | None]] = []
+        h = X
+        for i, s in enumerate(solves):
+            out, K, pre = s.layer.apply(h, activation if i < depth else None)
+            kept.append((h, K, out, pre))
+            h = out
+        logits = h
+        log_p = torch.log_softmax(logits, dim=1)
+        loss = -log_p.gather(1, y[:, None]).mean()
+        if lam3 > 0:
+            loss = loss + lam3 * torch.stack([s.sq_norm() for s in solves]).sum()
+        # d cross_entropy / d logits = (softmax - one_hot(y)) / n
+        g = log_p.exp_()
+        g.scatter_add_(1, y[:, None], torch.full((n, 1), -1.0, dtype=g.dtype, device=g.device))
+        g.mul_(1.0 / n)
+
+        # Backward over the rows: each layer's weight gradient, and the gradient it passes on.
+        weight_grads: list[tuple[torch.Tensor | None, ...]] = [()] * len(solves)
+        for i in range(len(solves) - 1, -1, -1):
+            s, (x, K, _, _) = solves[i], kept[i]
+            need_x = i > 0
+            need_a = need_xp if i == 0 else need_hp
+            layer = s.layer
+            dx: torch.Tensor | None = None
+            if layer.M is not None and K is not None and layer.protos is not None:
+                # out = K M,  K = x a^T (+ 1):  dM = K^T g,  dK = g M^T,  da = dK^T x,  dx = dK a
+                dM = K.T @ g
+                dK = g @ layer.M.T
+                da_rows = dK.T @ x if need_a else None
+                dx = dK @ layer.protos if need_x else None
+                weight_grads[i] = (dM, None, None, da_rows)
+            elif layer.W is not None:
+                # out = x W (+ b):  dW = x^T g,  db = 1^T g,  dx = g W^T
+                if _SKINNY * layer.W.shape[1] <= layer.W.shape[0]:
+                    dW = (g.T @ x).T
+                else:
+                    dW = x.T @ g
+                db = g.sum(dim=0) if layer.b is not None else None
+                dx = g @ layer.W.T if need_x else None
+                weight_grads[i] = (None, dW, db, None)
+            if dx is not None:
+                _, _, prev_out, prev_pre = kept[i - 1]
+                g = _activation_backward(activation, dx, prev_out, prev_pre)
+
+        # Backward through the solves to the prototypes.
+        grads = ProtoGradients(None, [None] * depth, None, None, None)
+        for i, s in enumerate(solves):
+            g_M, g_W, g_b, da_rows = weight_grads[i]
+            need_a = need_xp if i == 0 else need_hp
+            da, dB, dlam = s.backward(g_M, g_W, g_b, lam3, need_a, need_lam, da_rows)
+            if i == 0:
+                grads.Xp = da
+            elif da is not None:
+                # a = act(Hp_{i-1}) (the output, for relu/tanh/sigmoid; Hp itself for gelu)
+                dHp = _activation_backward(activation, da, s.a, Hp[i - 1])
+                prev = grads.Hp[i - 1]
+                grads.Hp[i - 1] = dHp if prev is None else prev + dHp
+            if i < depth:
+                if need_hp:
+                    prev = grads.Hp[i]
+                    grads.Hp[i] = dB if prev is None else prev + dB
+            elif need_yp:
+                if temperature > 0:
+                    # targets S = softmax(Yp / T):  dYp = S * (dB - <dB, S>_row) / T
+                    S = s.B
+                    grads.Yp = S * (dB - (dB * S).sum(dim=1, keepdim=True)) / temperature
+                else:
+                    grads.Yp = dB
+            if dlam is not None:
+                if i < depth:
+                    grads.lam1 = dlam if grads.lam1 is None else grads.lam1 + dlam
+                else:
+                    grads.lam2 = dlam
+    return loss, grads
+
+
+@functools.cache
+def _loss_function() -> Any:
+    """`loss_and_gradients` as an autograd Function (built on first use: torch is imported
+    lazily). The forward pass forms the gradients; the backward pass scales them."""
+    import torch
+    from torch.autograd.function import once_differentiable
+
+    class ProtoLoss(torch.autograd.Function):
+        @staticmethod
+        def forward(
+            ctx: Any, options: dict[str, Any], X: torch.Tensor, y: torch.Tensor,
+            Xp: torch.Tensor, Yp: torch.Tensor, lam1: float | torch.Tensor,
+            lam2: float | torch.Tensor, *Hp: torch.Tensor,
+        ) -> torch.Tensor:
+            need = ctx.needs_input_grad
+            loss, grads = loss_and_gradients(
+                X, y, Xp, list(Hp), Yp, lam1, lam2, need_xp=need[3], need_yp=need[4],
+                need_lam=need[5] or need[6], need_hp=any(need[7:]), **options,
+            )
+            ctx.grads = grads
+            return loss
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: Any, dloss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+            grads: ProtoGradients = ctx.grads
+            need = ctx.needs_input_grad
+
+            def scaled(t: torch.Tensor | None, wanted: bool) -> torch.Tensor | None:
+                return t * dloss if t is not None and wanted else None
+
+            return (None, None, None, scaled(grads.Xp, need[3]), scaled(grads.Yp, need[4]),
+                    scaled(grads.lam1, need[5]), scaled(grads.lam2, need[6]),
+                    *(scaled(g, w) for g, w in zip(grads.Hp, need[7:], strict=True)))
+
+    return ProtoLoss
+
+
 def proto_loss(
     X: torch.Tensor, y: torch.Tensor,
     Xp: torch.Tensor, Hp: Sequence[torch.Tensor], Yp: torch.Tensor,
     lam1: float | torch.Tensor, lam2: float | torch.Tensor, *,
     lam3: float, activation: str, temperature: float = 0.0, stats: SolveStats | None = None,
-) -> tuple[torch.Tensor, list[ClosedFormLayer]]:
-    """Training loss on rows X~ (n, d'+1), labels y (n,), given the prototypes; a pure function.
+) -> torch.Tensor:
+    """Training loss on rows X~ (n, d'+1), labels y (n,), given the prototypes; differentiable
+    in Xp, Hp, Yp, lam1 and lam2 (tensors) through `loss_and_gradients`.
 
     loss = cross_entropy(logits, y) + lam3 sum_l |W_l|^2
     """
-    import torch
-
-    layers = solve_prototypes(Xp, Hp, Yp, lam1, lam2, activation=activation,
-                              temperature=temperature, batch_rows=int(X.shape[0]), stats=stats)
-    logits = forward(X, layers, activation)
-    loss = torch.nn.functional.cross_entropy(logits, y)
-    if lam3 > 0:
-        loss = loss + lam3 * torch.stack([layer.sq_norm for layer in layers]).sum()
-    return loss, layers
+    options = {"lam3": lam3, "activation": activation, "temperature": temperature,
+               "stats": stats}
+    loss: torch.Tensor = _loss_function().apply(options, X, y, Xp, Yp, lam1, lam2, *Hp)
+    return loss
 
 
 def inverse_softplus(lam: float) -> float:
@@ -565,14 +757,32 @@ class ProtoPinvH(Method):
         lam = torch.nn.functional.softplus(self.rho)
         return lam[0], lam[1]
 
-    def _loss(
+    def _gradients(
         self, X: torch.Tensor, y: torch.Tensor, stats: SolveStats | None
-    ) -> tuple[torch.Tensor, list[ClosedFormLayer]]:
+    ) -> torch.Tensor:
+        """The loss on rows X, y; its gradient lands in each trainable tensor's `.grad`."""
+        import torch
+
         Xp, Yp, _, _ = self._require_prepared()
-        lam1, lam2 = self._lams()
         p = self.params
-        return proto_loss(X, y, Xp, self.Hp, Yp, lam1, lam2, lam3=p["lam3"],
-                          activation=p["activation"], temperature=p["temperature"], stats=stats)
+        with torch.no_grad():
+            lam1, lam2 = self._lams()
+        loss, grads = loss_and_gradients(
+            X, y, Xp, self.Hp, Yp, lam1, lam2, lam3=p["lam3"], activation=p["activation"],
+            temperature=p["temperature"], stats=stats, need_hp=self.train_hidden,
+            need_lam=self.rho is not None,
+        )
+        Xp.grad, Yp.grad = grads.Xp, grads.Yp
+        if self.train_hidden:
+            for H, dH in zip(self.Hp, grads.Hp, strict=True):
+                H.grad = dH
+        if self.rho is not None:
+            zero = torch.zeros((), dtype=self.rho.dtype, device=self.rho.device)
+            dlam = torch.stack([zero if grads.lam1 is None else grads.lam1,
+                                zero if grads.lam2 is None else grads.lam2])
+            # lam = softplus(rho):  d lam / d rho = sigmoid(rho)
+            self.rho.grad = dlam * torch.sigmoid(self.rho.detach())
+        return loss
 
     def _batch_size(self, n: int) -> int:
         size = int(self.params["batch_size"])
@@ -586,8 +796,7 @@ class ProtoPinvH(Method):
             self.prepare(data, ctx)
         _, _, Xt, y = self._require_prepared()
         rows = self._batch_size(Xt.shape[0])
-        loss, _ = self._loss(Xt[:rows], y[:rows], SolveStats())
-        loss.backward()
+        self._gradients(Xt[:rows], y[:rows], SolveStats())
         for t in self._trainable():
             t.grad = None
         self._cache = None
@@ -641,14 +850,12 @@ class ProtoPinvH(Method):
                     idx = order[step * rows:(step + 1) * rows]
                     Xb, yb = Xt.index_select(0, idx), y.index_select(0, idx)
                 try:
-                    loss, _ = self._loss(Xb, yb, self._stats)
+                    loss = self._gradients(Xb, yb, self._stats)
                 except SolveError:
                     # Only an Adam step that overflowed can have made the prototypes
                     # non-finite (non-finite gradients are never applied): say so if it did.
                     self._check_finite(epoch)
                     raise
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
                 if self._finite_gradients():
                     opt.step()
                     loss_sum += loss.detach()
@@ -688,7 +895,7 @@ class ProtoPinvH(Method):
             return True
         with torch.no_grad():
             total = torch.stack([g.sum() for g in grads]).sum()
-            return bool(torch.isfinite(total))
+        return math.isfinite(float(total))
 
     def _check_finite(self, epoch: int) -> None:
         import torch

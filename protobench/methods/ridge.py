@@ -65,6 +65,20 @@ def solve_spd(
     return torch.cholesky_solve(C.double(), L).to(C.dtype)
 
 
+def spd_cholesky(
+    G: torch.Tensor, lam: float | torch.Tensor,
+    stats: SolveStats | None = None, what: str = "ridge system",
+) -> torch.Tensor:
+    """Lower Cholesky factor L of G + lam I, with the checks and retry of `solve_spd`.
+
+    L has G's dtype, or float64 when the float64 retry was needed (solve in L's dtype).
+    """
+    if isinstance(lam, (int, float)):
+        check_lam(float(lam))
+    L, _ = _cholesky(G, lam, stats, what)  # refuses a non-finite G
+    return L
+
+
 def spd_inverse(
     G: torch.Tensor, lam: float | torch.Tensor,
     stats: SolveStats | None = None, what: str = "ridge system",
@@ -91,13 +105,14 @@ def _cholesky(
     n = G.shape[-1]
     if stats is not None:
         stats.solves += 1
-    eye = torch.eye(n, dtype=G.dtype, device=G.device)
-    L, info = torch.linalg.cholesky_ex(G + lam * eye)
+    shifted = G.clone()  # G + lam I, with lam added on the diagonal only
+    shifted.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(shifted)
     # One reduction rather than an element-wise isfinite (this runs twice per training step):
     # a NaN or inf anywhere in L makes its sum non-finite. A sum that overflows on finite
     # entries (|L| near 1e38) only sends the solve to the float64 retry below.
     noise = n * torch.finfo(G.dtype).eps
-    if int(info) == 0 and bool(torch.isfinite(L.sum())):
+    if int(info) == 0 and math.isfinite(float(L.detach().sum())):
         return L, False
     if not bool(torch.isfinite(G).all()):
         raise SolveError(f"non-finite values in the {what} (inputs contain NaN or inf)")
@@ -108,7 +123,7 @@ def _cholesky(
         stats.retries += 1
     logger.warning("Cholesky of the %s failed in %s; retrying in float64", what, G.dtype)
     G64 = G.double()
-    eye64 = eye.double()
+    eye64 = torch.eye(n, dtype=torch.float64, device=G.device)
     scale = float(G64.diagonal().abs().mean().detach()) if n else 0.0
     jitter = max(_RETRY_JITTER * max(scale, 1.0), noise * scale)
     lam64 = lam.double() if isinstance(lam, torch.Tensor) else float(lam)
