@@ -314,6 +314,36 @@ def test_frozen_hidden_prototypes_get_no_gradient() -> None:
         assert float((method.predict(data.X).argmax(1) == data.y).float().mean()) > 0.5
 
 
+@pytest.mark.parametrize("extra", [{}, {"depth": 2, "activation": "tanh", "temperature": 0.5}])
+def test_a_training_step_equals_autograd_then_adamw(extra: dict[str, Any]) -> None:
+    """One full-batch step of fit against autograd through proto_loss and the same AdamW:
+    catches a gradient of the wrong value or of the wrong memory layout (the fused Adam step
+    reads .grad as if laid out like its parameter)."""
+    from protobench.methods.proto_pinv import proto_loss
+
+    data = fit_data(400)
+    # 80 prototypes against 10 classes: the output system is solved by its Cholesky factor.
+    method = ProtoPinvH({**SMALL, **extra, "n_prototypes": 80, "hidden": 96, "epochs": 1,
+                         "batch_size": 0})
+    method.prepare(data, RunContext(CPU, seed=0))
+    assert method.Xp is not None and method.Yp is not None
+    assert method._Xt is not None and method._y is not None
+    p = method.params
+    leaves = [t.detach().clone().requires_grad_(True)
+              for t in (method.Xp, *method.Hp, method.Yp)]
+    loss = proto_loss(method._Xt, method._y, leaves[0], leaves[1:-1], leaves[-1], p["lam1"],
+                      p["lam2"], lam3=p["lam3"], activation=p["activation"],
+                      temperature=p["temperature"])
+    loss.backward()
+    # One step, so the schedule leaves lr as given; the decays are 0 by default.
+    torch.optim.AdamW(leaves, lr=p["lr"], weight_decay=0.0, fused=True).step()
+
+    method.fit(data, RunContext(CPU, seed=0))
+    for ours, ref in zip((method.Xp, *method.Hp, method.Yp), leaves, strict=True):
+        assert ours.grad is not None and ours.grad.stride() == ours.stride()
+        torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_warmup_changes_nothing() -> None:
     data = fit_data(400)
     method = ProtoPinvH(SMALL)

@@ -610,6 +610,10 @@ def proto_loss(
     return loss
 
 
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
+
+
 def inverse_softplus(lam: float) -> float:
     """rho with softplus(rho) = lam (> 0)."""
     # softplus^-1(lam) = log(exp(lam) - 1) = lam + log(1 - exp(-lam))
@@ -772,10 +776,12 @@ class ProtoPinvH(Method):
             temperature=p["temperature"], stats=stats, need_hp=self.train_hidden,
             need_lam=self.rho is not None,
         )
-        Xp.grad, Yp.grad = grads.Xp, grads.Yp
+        # A gradient must have its parameter's layout: LAPACK solves return column-major
+        # results, and the fused Adam step reads .grad as if laid out like the parameter.
+        Xp.grad, Yp.grad = _contiguous(grads.Xp), _contiguous(grads.Yp)
         if self.train_hidden:
             for H, dH in zip(self.Hp, grads.Hp, strict=True):
-                H.grad = dH
+                H.grad = _contiguous(dH)
         if self.rho is not None:
             zero = torch.zeros((), dtype=self.rho.dtype, device=self.rho.device)
             dlam = torch.stack([zero if grads.lam1 is None else grads.lam1,
