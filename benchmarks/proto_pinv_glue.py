@@ -145,7 +145,7 @@ def _epoch_timer(step: Callable[..., tuple[Any, ...]], problem: tuple[Any, ...]
             idx = order[s * ROWS:(s + 1) * ROWS]
             grads = step(X.index_select(0, idx), y.index_select(0, idx), *params)
             for p, g in zip(params, grads, strict=True):
-                p.grad = g
+                p.grad = g.contiguous()  # the fused Adam step expects the parameter's layout
             opt.step()
         return time.perf_counter() - started
 
