@@ -344,6 +344,30 @@ def test_a_training_step_equals_autograd_then_adamw(extra: dict[str, Any]) -> No
         torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda X, y: (X[:0], y[:0]), "has no rows"),
+        (lambda X, y: (X.index_fill(0, torch.tensor([3]), math.nan), y), "NaN or inf"),
+        (lambda X, y: (X, y.index_fill(0, torch.tensor([5]), 10)), r"in \[0, n_classes = 10\)"),
+        (lambda X, y: (X, y.index_fill(0, torch.tensor([5]), -1)), r"got -1\.\.9"),
+        (lambda X, y: (X, y.float()), "whole numbers"),
+        (lambda X, y: (X, y[:-1]), r"X \(N, d\) and y \(N,\)"),
+    ],
+)
+def test_training_data_a_method_cannot_learn_from_is_refused(
+    change: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    message: str,
+) -> None:
+    from protobench.errors import DataError
+
+    X, y = blobs(100)
+    X, y = change(X, y)
+    data = FitData(X=X, y=y, n_classes=10, image_shape=(64,))
+    with pytest.raises(DataError, match=message):
+        ProtoPinvH(SMALL).prepare(data, RunContext(CPU, seed=0))
+
+
 def test_warmup_changes_nothing() -> None:
     data = fit_data(400)
     method = ProtoPinvH(SMALL)

@@ -37,6 +37,28 @@ class FitData:
     def n_features(self) -> int:
         return int(self.X.shape[1])
 
+    def check(self) -> None:
+        """Refuse rows a method cannot learn from: none at all, non-finite values, labels
+        that are not whole numbers in [0, n_classes). The harness's data sets always pass;
+        this is for data handed to a plugin directly."""
+        import torch
+
+        from protobench.errors import DataError
+
+        if self.X.ndim != 2 or self.y.shape != (self.X.shape[0],):
+            raise DataError(f"training data needs X (N, d) and y (N,), got X "
+                            f"{tuple(self.X.shape)} and y {tuple(self.y.shape)}")
+        if self.n_samples == 0:
+            raise DataError("training data has no rows")
+        if not bool(torch.isfinite(self.X).all()):
+            raise DataError("training rows X contain NaN or inf")
+        if self.y.dtype.is_floating_point or self.y.dtype == torch.bool:
+            raise DataError(f"labels y must be whole numbers, got dtype {self.y.dtype}")
+        low, high = int(self.y.min()), int(self.y.max())
+        if low < 0 or high >= self.n_classes:
+            raise DataError(f"labels y must lie in [0, n_classes = {self.n_classes}), "
+                            f"got {low}..{high}")
+
 
 class FitContext(Protocol):
     """What the harness offers a plugin while it fits."""

@@ -603,6 +603,9 @@ def proto_loss(
     in Xp, Hp, Yp, lam1 and lam2 (tensors) through `loss_and_gradients`.
 
     loss = cross_entropy(logits, y) + lam3 sum_l |W_l|^2
+
+    First derivatives only: the gradients are formed in the forward pass, so autograd sees
+    them as constants and a second derivative (a Hessian) comes out as zero. Do not take one.
     """
     options = {"lam3": lam3, "activation": activation, "temperature": temperature,
                "stats": stats}
@@ -694,6 +697,7 @@ class ProtoPinvH(Method):
 
         from protobench.methods.ridge import SolveStats
 
+        data.check()
         p = self.params
         self.projection = fit_projection(data.X, data.y, data.n_classes, p["projection"],
                                          p["proj_dim"])
