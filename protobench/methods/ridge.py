@@ -111,7 +111,6 @@ def _cholesky(
     # One reduction rather than an element-wise isfinite (this runs twice per training step):
     # a NaN or inf anywhere in L makes its sum non-finite. A sum that overflows on finite
     # entries (|L| near 1e38) only sends the solve to the float64 retry below.
-    noise = n * torch.finfo(G.dtype).eps
     if int(info) == 0 and math.isfinite(float(L.detach().sum())):
         return L, False
     if not bool(torch.isfinite(G).all()):
@@ -125,6 +124,7 @@ def _cholesky(
     G64 = G.double()
     eye64 = torch.eye(n, dtype=torch.float64, device=G.device)
     scale = float(G64.diagonal().abs().mean().detach()) if n else 0.0
+    noise = n * torch.finfo(G.dtype).eps  # the rounding of G's own dtype, relative
     jitter = max(_RETRY_JITTER * max(scale, 1.0), noise * scale)
     lam64 = lam.double() if isinstance(lam, torch.Tensor) else float(lam)
     L64, info64 = torch.linalg.cholesky_ex(G64 + (lam64 + jitter) * eye64)
