@@ -492,3 +492,33 @@ def test_html_report_renders_in_a_headless_browser(report_dir: Path, tmp_path: P
     assert messages == []
     data = shot.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 50_000
+
+
+@pytest.mark.parametrize(
+    ("times", "expected"),
+    [
+        ((4.8, 9.1), ["5", "6", "7", "8", "9"]),  # within one decade: every tick named
+        ((0.4, 30.0), ["1", "3", "10", "30"]),  # two decades and more: 1, 3, 10, not crowded
+    ],
+)
+def test_a_log_time_axis_names_enough_ticks_to_read(
+    times: tuple[float, float], expected: list[str]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from protobench.results.report import _log_x
+
+    fig, ax = plt.subplots()
+    try:
+        ax.scatter(list(times), [0.5, 0.6])
+        _log_x(ax, False, "fit time ({unit}, log scale)")
+        fig.canvas.draw()
+        low, high = ax.get_xlim()
+        shown = [t.get_text() for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True)
+                 if t.get_text() and low <= t.get_position()[0] <= high]
+    finally:
+        plt.close(fig)
+    assert sorted(shown, key=float) == expected

@@ -314,9 +314,13 @@ def _log_x(ax: Axes, counts: bool, label_text: str) -> None:
             return f"{value / 1e3:g}k"
         return f"{value * scale:.4g}"
 
-    # Between the powers of ten, label 2, 3 and 5 on a narrow range and 3 on a wider one.
+    # Between the powers of ten, label every tick on a range within one decade (4.8-9.1 s
+    # would otherwise show "5" alone), 2, 3 and 5 on a narrow range and 3 on a wider one.
     decades = math.log10(high / low) if low > 0 else math.inf
-    named = (2, 3, 5) if decades < 1.5 else (3,) if decades < 3.5 else ()
+    if decades < 0.7:
+        named: tuple[int, ...] = tuple(range(2, 10))
+    else:
+        named = (2, 3, 5) if decades < 1.5 else (3,) if decades < 3.5 else ()
 
     def minor(value: float, pos: int) -> str:
         mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
